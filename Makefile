@@ -1,0 +1,26 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both first run tools/install.sh (idempotent: seconds when nothing changed).
+PY := .venv/bin/python
+DEMO_DATA := data/demo_coco
+WORK := work_dirs/demo
+
+.PHONY: install test test-fast demo data clean
+
+install:
+	bash tools/install.sh
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+data: install
+	$(PY) tools/make_demo_data.py --out $(DEMO_DATA)
+
+# train dense → MaxQ 1:16 fine-tune → COCO mAP → fold → verify → ONNX Runtime
+demo: data
+	bash tools/run_demo.sh
+
+clean:
+	rm -rf work_dirs

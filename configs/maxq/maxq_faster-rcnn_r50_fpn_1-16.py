@@ -1,0 +1,11 @@
+# MaxQ 1:16 backbone for Faster R-CNN R50-FPN, COCO 1x.
+_base_ = [
+    'mmdet::_base_/models/faster-rcnn_r50_fpn.py',
+    '../_base_/datasets/coco_detection.py',
+    'mmdet::_base_/schedules/schedule_1x.py',
+    '../_base_/default_runtime.py',
+]
+
+model = dict(backbone=dict(conv_cfg=dict(type='MaxQConv2d', n=1, m=16)))
+optim_wrapper = dict(type='NMSparseOptimWrapper', decay=2e-4)
+custom_hooks = [dict(type='MaxQHook', schedule='cubic', start=0, end=22000, interval=50)]

@@ -1,0 +1,14 @@
+"""Patterns, block layouts, masks, reports and verification shared by all methods and by export."""
+from .masks import hard_nm_mask, hard_nm_mask_blocks, largest_indices, smallest_indices
+from .patterns import (NMPattern, from_blocks, max_nonzeros_per_block, nm_incompatibility,
+                       to_blocks)
+from .report import (LayerStat, Violation, format_report, is_nm, model_report, nm_violations,
+                     overall_sparsity, verify_state_dict)
+from .ste import mask_ste
+
+__all__ = [
+    'NMPattern', 'to_blocks', 'from_blocks', 'nm_incompatibility', 'max_nonzeros_per_block',
+    'hard_nm_mask', 'hard_nm_mask_blocks', 'smallest_indices', 'largest_indices', 'mask_ste',
+    'LayerStat', 'Violation', 'is_nm', 'model_report', 'format_report', 'overall_sparsity', 'nm_violations',
+    'verify_state_dict'
+]

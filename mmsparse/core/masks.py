@@ -1,0 +1,37 @@
+"""Hard N:M masks and block selection with a defined tie rule.
+
+Tie rule (all selections here): among equal magnitudes the element with the lower index in the block
+(or the lower block index) wins. Stable sorts implement it; it is what makes masks reproducible.
+"""
+import torch
+from torch import Tensor
+
+from .patterns import from_blocks, to_blocks
+
+
+def hard_nm_mask_blocks(abs_blocks: Tensor, n: int) -> Tensor:
+    """Binary ``(G, M)`` mask keeping the ``n`` largest entries of each row of ``abs_blocks``."""
+    order = torch.sort(abs_blocks, dim=1, descending=True, stable=True).indices
+    mask = torch.zeros_like(abs_blocks)
+    mask.scatter_(1, order[:, :n], 1.0)
+    return mask
+
+
+def hard_nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
+    """Binary mask of ``weight``'s shape keeping the ``n`` largest |w| of every ``m``-block."""
+    blocks = to_blocks(weight.detach().abs(), m)
+    return from_blocks(hard_nm_mask_blocks(blocks, n), weight.shape).contiguous()
+
+
+def smallest_indices(values: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` smallest entries of a 1-D tensor (lower index wins ties)."""
+    if k <= 0:
+        return values.new_empty(0, dtype=torch.long)
+    return torch.sort(values, stable=True).indices[:k]
+
+
+def largest_indices(values: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest entries of a 1-D tensor (lower index wins ties)."""
+    if k <= 0:
+        return values.new_empty(0, dtype=torch.long)
+    return torch.sort(values, descending=True, stable=True).indices[:k]

@@ -1,0 +1,6 @@
+"""Engine pieces shared by the methods: gradient-edit optimizer wrappers, layer converter."""
+from .converter import ConvertedModel, convert_layers
+from .grad_edit import GradEditAmpOptimWrapper, GradEditMixin, GradEditOptimWrapper
+
+__all__ = ['ConvertedModel', 'convert_layers', 'GradEditMixin', 'GradEditOptimWrapper',
+           'GradEditAmpOptimWrapper']

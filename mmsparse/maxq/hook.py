@@ -1,0 +1,133 @@
+"""MaxQHook: drives the N:M masks of MaxQ, SR-STE and one-shot layers from the runner's progress."""
+from typing import List, Tuple
+
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+from torch import nn
+
+from ..core.report import format_report, model_report, overall_sparsity
+from .layers import NMSparseMixin
+from .schedule import preserve_rate, validate_schedule
+
+
+@HOOKS.register_module()
+class MaxQHook(Hook):
+    """Set N:M masks from the preserve-rate schedule, log sparsity, fix the final masks.
+
+    Masks are pure functions of (weights, progress): the mask used by iteration ``t + 1`` is computed
+    in ``after_train_iter`` of iteration ``t`` (after the optimizer step), so checkpoints, validation
+    and resume all see the mask that belongs to the saved weights. The first masks are computed in
+    ``before_train``, after pretrained weights and resumed checkpoints are loaded. After the last
+    iteration every mask is recomputed at preserve rate 0 (exact N:M), before the last checkpoint and
+    validation.
+
+    Args:
+        schedule (str): Preserve-rate curve: ``'linear'``, ``'cubic'``, ``'cos'`` or ``'exp'``.
+            Defaults to ``'cubic'``.
+        start (int): Progress at which N:M blocks start to appear. Defaults to 0.
+        end (int): Progress from which every block is N:M. ``start = end = 0`` means N:M from the
+            first step (e.g. when fine-tuning an already N:M backbone). Defaults to 0.
+        by_epoch (bool): Count ``start``/``end`` in epochs (the epoch of each iteration) rather than
+            iterations. Defaults to False.
+        exp_rate (float): Rate of the ``'exp'`` curve per unit of progress. Defaults to 0.05.
+        interval (int): Log sparsity and preserve rate every ``interval`` iterations. Defaults to 50.
+
+    Note:
+        Pair it with :class:`NMSparseOptimWrapper` (or the AMP variant) for the SR-STE gradient decay.
+    """
+
+    priority = 'NORMAL'
+
+    def __init__(self, schedule: str = 'cubic', start: int = 0, end: int = 0,
+                 by_epoch: bool = False, exp_rate: float = 0.05, interval: int = 50) -> None:
+        validate_schedule(schedule, start, end)
+        if interval < 1:
+            raise ValueError(f'interval must be >= 1, got {interval}')
+        self.schedule = schedule
+        self.start = start
+        self.end = end
+        self.by_epoch = by_epoch
+        self.exp_rate = exp_rate
+        self.interval = interval
+
+    # -- progress -------------------------------------------------------------------------------
+    def _progress(self, runner, iteration: int) -> int:
+        if not self.by_epoch:
+            return iteration
+        return iteration // len(runner.train_dataloader)
+
+    def preserve_rate_at(self, runner, iteration: int) -> float:
+        """Preserve rate used by training iteration ``iteration`` (0-based)."""
+        return preserve_rate(self._progress(runner, iteration), self.start, self.end, self.schedule,
+                             self.exp_rate)
+
+    @staticmethod
+    def sparse_layers(runner) -> List[Tuple[str, NMSparseMixin]]:
+        """All N:M layers of the runner's model, with names."""
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, NMSparseMixin)]
+
+    def _refresh(self, runner, preserve: float, first: bool = False) -> None:
+        for _, layer in self.sparse_layers(runner):
+            if first or layer.recompute_each_step:
+                layer.refresh_mask(preserve)
+
+    def _model(self, runner) -> nn.Module:
+        return runner.model.module if is_model_wrapper(runner.model) else runner.model
+
+    # -- stages ---------------------------------------------------------------------------------
+    def before_train(self, runner) -> None:
+        """Validate the set-up, bind the optimizer wrapper and compute the first masks."""
+        layers = self.sparse_layers(runner)
+        if not layers:
+            raise RuntimeError('MaxQHook found no N:M layer in the model: set conv_cfg to a MaxQ / '
+                               'SR-STE / one-shot layer type or use ConvertedModel')
+        optim_wrapper = runner.optim_wrapper
+        if hasattr(optim_wrapper, 'bind_model'):
+            bound = optim_wrapper.bind_model(self._model(runner))
+            runner.logger.info(f'MaxQHook: {type(optim_wrapper).__name__} edits {bound} N:M layers '
+                               f'(decay={getattr(optim_wrapper, "decay", None)})')
+        else:
+            runner.logger.warning(
+                f'MaxQHook: optimizer wrapper {type(optim_wrapper).__name__} applies no N:M gradient '
+                'edit; use NMSparseOptimWrapper / NMSparseAmpOptimWrapper for the SR-STE decay')
+        oneshot_resumed = runner.iter > 0 and any(not l.recompute_each_step for _, l in layers)
+        if oneshot_resumed:
+            # one-shot masks come from the first weights; on resume they come from the checkpoint.
+            self._refresh(runner, self.preserve_rate_at(runner, runner.iter))
+        else:
+            self._refresh(runner, self.preserve_rate_at(runner, runner.iter), first=True)
+        runner.logger.info(
+            f'MaxQHook: {self.schedule} preserve-rate schedule from {self.start} to {self.end} '
+            f'{"epochs" if self.by_epoch else "iterations"}; preserve rate now '
+            f'{self.preserve_rate_at(runner, runner.iter):.4f}\n'
+            f'N:M sparsity at start of training:\n{format_report(model_report(self._model(runner)))}')
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        """Compute the masks for the next iteration (p = 0 after the last) and log."""
+        nxt = runner.iter + 1
+        last = nxt >= runner.max_iters
+        preserve = 0.0 if last else self.preserve_rate_at(runner, nxt)
+        self._refresh(runner, preserve)
+        if last or self.every_n_train_iters(runner, self.interval):
+            stats = [s for s in model_report(self._model(runner)) if s.max_nnz is not None]
+            runner.message_hub.update_scalar('train/nm_preserve_rate', preserve)
+            runner.message_hub.update_scalar('train/nm_sparsity', overall_sparsity(stats))
+        if last:
+            runner.logger.info('MaxQHook: final masks fixed at preserve rate 0\n'
+                               f'{format_report(model_report(self._model(runner)))}')
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Check that mask buffers were really loaded (MMEngine loads non-strictly)."""
+        state = checkpoint.get('state_dict', checkpoint)
+        missing = [name for name, layer in self.sparse_layers(runner)
+                   if layer.is_sparse and f'{name}.mask' not in state]
+        if not missing:
+            return
+        oneshot = [n for n, l in self.sparse_layers(runner) if n in missing and not l.recompute_each_step]
+        if oneshot and runner.iter > 0:
+            raise RuntimeError(f'resumed checkpoint has no one-shot mask for {oneshot[:3]}...; the '
+                               'fixed mask cannot be recovered from the weights')
+        runner.logger.info(f'MaxQHook: checkpoint carries no mask for {len(missing)} N:M layers '
+                           '(dense pretrained weights?); masks are computed from the weights')

@@ -1,0 +1,68 @@
+"""The MaxQ multi-axis soft N:M mask (Xiang et al., CVPR 2024), SPEC §1 steps 1-4.
+
+``S = H ⊙ (1 + q_filter + q_kernel)``: ``H`` is the hard N:M mask with the ``floor(p·G)`` blocks of
+smallest L1 norm forced dense, and each ``q_a`` enhances the weights that stay among the top
+``n_a − k_a`` magnitudes of their row along axis ``a``.
+
+Tie rule of the soft scores: a weight is "among the top" when ``|w| >= v_{k+1}`` (the (k+1)-th smallest
+magnitude of its row), so all weights tied at the boundary are enhanced; the hard mask keeps exactly N
+per block with the lower channel index winning ties (:mod:`mmsparse.core.masks`).
+"""
+import math
+
+import torch
+from torch import Tensor
+
+from ..core.masks import hard_nm_mask_blocks, smallest_indices
+from ..core.patterns import from_blocks, to_blocks
+
+
+def axis_scores(rows: Tensor, n: int, m: int, tau: float) -> Tensor:
+    """Soft scores ``q_a`` of non-negative ``rows`` (one query row per line).
+
+    ``k = floor((m - n) / m · row_len)``; the threshold is the mean of the k-th and (k+1)-th smallest
+    values, found by a partial selection of the ``row_len - k + 1`` largest values (no full sort).
+    """
+    row_len = rows.shape[1]
+    k = (m - n) * row_len // m
+    keep = row_len - k
+    top = torch.topk(rows, keep + 1, dim=1, largest=True, sorted=True).values
+    v_k1 = top[:, keep - 1:keep]   # (k+1)-th smallest
+    v_k = top[:, keep:keep + 1]    # k-th smallest
+    threshold = 0.5 * (v_k + v_k1)
+    return (rows >= v_k1) * torch.sigmoid((rows - threshold) / tau)
+
+
+def hard_mask_with_preserve(abs_weight: Tensor, n: int, m: int, preserve: float) -> Tensor:
+    """Hard N:M mask where the ``floor(preserve·G)`` smallest-L1 blocks stay fully dense."""
+    blocks = to_blocks(abs_weight, m)
+    hard = hard_nm_mask_blocks(blocks, n)
+    n_dense = math.floor(preserve * blocks.shape[0])
+    if n_dense > 0:
+        hard[smallest_indices(blocks.sum(dim=1), n_dense)] = 1.0
+    return from_blocks(hard, abs_weight.shape)
+
+
+@torch.no_grad()
+def maxq_mask(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01) -> Tensor:
+    """The MaxQ soft mask ``S`` for a conv ``(O, I, kh, kw)`` or linear ``(O, I)`` weight.
+
+    Args:
+        weight (Tensor): The layer weight.
+        n (int): Non-zeros per block.
+        m (int): Block length (input channels).
+        preserve (float): Share of blocks kept fully dense, in ``[0, 1]``.
+        tau (float): Sigmoid temperature of the soft scores. Defaults to 0.01.
+
+    Returns:
+        Tensor: ``S`` of ``weight``'s shape with values in ``{0} ∪ [1, 3)``.
+    """
+    abs_w = weight.detach().abs().float()
+    hard = hard_mask_with_preserve(abs_w, n, m, preserve)
+    soft = 1.0 + axis_scores(abs_w.reshape(abs_w.shape[0], -1), n, m, tau).reshape(abs_w.shape)
+    if abs_w.dim() == 4 and abs_w.shape[2] * abs_w.shape[3] > 1:
+        kh, kw = abs_w.shape[2:]
+        per_position = abs_w.permute(2, 3, 0, 1).reshape(kh * kw, -1)
+        q_kernel = axis_scores(per_position, n, m, tau)
+        soft += q_kernel.reshape(kh, kw, *abs_w.shape[:2]).permute(2, 3, 0, 1)
+    return (hard * soft).to(weight.dtype)

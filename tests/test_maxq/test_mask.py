@@ -1,0 +1,87 @@
+"""MaxQ mask against an independent, sort-based reference of SPEC §1 (the paper code's approach)."""
+import pytest
+import torch
+
+from mmsparse.maxq.mask import maxq_mask
+
+
+def _reference(w, n, m, preserve, tau=0.01):
+    a = w.abs()
+    blocks = a.permute(0, 2, 3, 1).reshape(-1, m) if w.dim() == 4 else a.reshape(-1, m)
+    # hard N:M: zero the M-N smallest of each block (full sort)
+    order = torch.argsort(blocks, dim=1)
+    hard = torch.ones_like(blocks).scatter_(1, order[:, :m - n], 0.0)
+    # smallest-L1 blocks forced dense
+    n_dense = int(preserve * blocks.shape[0])
+    hard[torch.argsort(blocks.sum(1))[:n_dense]] = 1.0
+    if w.dim() == 4:
+        o, i, kh, kw = w.shape
+        hard = hard.reshape(o, kh, kw, i).permute(0, 3, 1, 2)
+    else:
+        hard = hard.reshape(w.shape)
+
+    def q(rows):
+        k = int((m - n) / m * rows.shape[1])
+        srt, idx = torch.sort(rows, dim=1)
+        thr = srt[:, k - 1:k + 1].mean(dim=1, keepdim=True)
+        keep = torch.ones_like(rows).scatter_(1, idx[:, :k], 0.0)
+        return keep * torch.sigmoid((rows - thr) / tau)
+
+    soft = 1 + q(a.flatten(1)).reshape(w.shape)
+    if w.dim() == 4 and w.shape[2] * w.shape[3] > 1:
+        rows = a.reshape(w.shape[0] * w.shape[1], -1).t()
+        soft = soft + q(rows).t().reshape(w.shape)
+    return hard * soft
+
+
+SHAPES = [(32, 64, 1, 1), (16, 32, 3, 3), (24, 64), (8, 48, 3, 3)]
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('nm', [(1, 4), (2, 4), (2, 8), (1, 16)])
+@pytest.mark.parametrize('preserve', [0.0, 0.37, 1.0])
+def test_matches_reference(shape, nm, preserve):
+    n, m = nm
+    if shape[1] % m:
+        pytest.skip('channels not divisible')
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(hash((shape, nm)) % 2**31))
+    ours = maxq_mask(w, n, m, preserve)
+    ref = _reference(w, n, m, preserve)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_values_and_nm_after_folding_at_p0(shape):
+    w = torch.randn(shape)
+    s = maxq_mask(w, 1, 16 if shape[1] % 16 == 0 else 4, 0.0)
+    # {0} ∪ [1, 3) in exact arithmetic; float32 sigmoid saturates to 1.0, so 3.0 can occur
+    assert ((s == 0) | ((s >= 1) & (s <= 3))).all()
+    m = 16 if shape[1] % 16 == 0 else 4
+    folded = (w * s)
+    blocks = folded.permute(0, 2, 3, 1).reshape(-1, m) if w.dim() == 4 else folded.reshape(-1, m)
+    assert int((blocks != 0).sum(1).max()) <= 1
+
+
+def test_preserve_keeps_smallest_l1_blocks_dense():
+    w = torch.randn(4, 8) * 10
+    w[0, 0:4] = 0.01 * torch.tensor([1.0, 2.0, 3.0, 4.0])   # clearly the smallest block
+    s = maxq_mask(w, 2, 4, preserve=1 / 8)                   # 8 blocks -> 1 dense
+    assert (s[0, 0:4] > 0).all()
+    assert int(((s != 0).reshape(-1, 4).sum(1) == 4).sum()) == 1
+
+
+def test_tie_rule_soft_scores_enhance_all_boundary_ties():
+    # 2:4 on a row of 8: k = 4, the 4th and 5th smallest are tied at 0.5 -> threshold 0.5, and all
+    # four 0.5s count as "among the top" (a sort would pick two of them arbitrarily).
+    w = torch.tensor([[0.1, 0.2, 0.5, 0.5, 0.5, 0.5, 0.9, 1.0]])
+    s = maxq_mask(w, 2, 4, 0.0)
+    expected = torch.tensor([[0, 0, 1.5, 1.5, 0, 0, 2, 2]])
+    torch.testing.assert_close(s, expected, rtol=0, atol=1e-6)
+    # hard mask ties: lower channel index wins
+    tied = torch.ones(1, 8)
+    assert (maxq_mask(tied, 2, 4, 0.0) != 0).tolist() == [[True, True, False, False] * 2]
+
+
+def test_same_weights_same_mask():
+    w = torch.randn(16, 32, 3, 3)
+    assert torch.equal(maxq_mask(w, 2, 4, 0.5), maxq_mask(w.clone(), 2, 4, 0.5))
