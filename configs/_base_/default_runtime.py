@@ -2,3 +2,6 @@
 _base_ = 'mmdet::_base_/default_runtime.py'
 
 custom_imports = dict(imports=['mmsparse'], allow_failed_imports=False)
+
+# Checkpoints in plain types, so resume works with torch.load(weights_only=True) (docs/compat.md).
+default_hooks = dict(safe_checkpoint=dict(type='SafeCheckpointHook'))

@@ -2,7 +2,8 @@
 
 Each image shows a few filled shapes (one class per shape) with random colours, sizes and rotations on a
 textured colour-gradient background. Later shapes occlude earlier ones; an annotation describes the
-visible part of its shape only. The same arguments always give byte-identical files.
+visible part of its shape only. With the same OpenCV and NumPy versions, the same arguments give
+byte-identical files (rasterisation can change slightly between OpenCV releases).
 """
 import json
 import os

@@ -4,8 +4,11 @@
 that edit gradients (SR-STE decay, CGMQ's constraint term) do it in ``step``. Under AMP the gradients
 are unscaled first, so every edit sees true gradients.
 """
-from typing import List
+from typing import List, Optional, Union
 
+import torch
+from mmengine.device import (is_cuda_available, is_mlu_available, is_musa_available,
+                             is_npu_available)
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from torch import nn
 
@@ -55,7 +58,32 @@ class GradEditOptimWrapper(GradEditMixin, OptimWrapper):
 
 
 class GradEditAmpOptimWrapper(GradEditMixin, AmpOptimWrapper):
-    """AMP optimizer wrapper: unscale, edit, clip, then the scaler's step."""
+    """AMP optimizer wrapper: unscale, edit, clip, then the scaler's step.
+
+    Unlike mmengine's ``AmpOptimWrapper`` it also runs on CPU-only machines: there it autocasts to
+    ``dtype`` (default bfloat16) and uses torch's CPU ``GradScaler``.
+    """
+
+    def __init__(self, loss_scale: Union[str, float, dict] = 'dynamic',
+                 dtype: Optional[Union[str, torch.dtype]] = None, use_fsdp: bool = False,
+                 **kwargs) -> None:
+        if any(f() for f in (is_cuda_available, is_npu_available, is_mlu_available,
+                             is_musa_available)):
+            super().__init__(loss_scale=loss_scale, dtype=dtype, use_fsdp=use_fsdp, **kwargs)
+            return
+        OptimWrapper.__init__(self, **kwargs)
+        self._scale_update_param = None
+        if loss_scale == 'dynamic':
+            self.loss_scaler = torch.amp.GradScaler('cpu')
+        elif isinstance(loss_scale, float):
+            self._scale_update_param = loss_scale
+            self.loss_scaler = torch.amp.GradScaler('cpu', init_scale=loss_scale)
+        elif isinstance(loss_scale, dict):
+            self.loss_scaler = torch.amp.GradScaler('cpu', **loss_scale)
+        else:
+            raise TypeError(f'loss_scale must be a float, a dict or "dynamic", got {loss_scale!r}')
+        self.cast_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or
+                                                                             torch.bfloat16)
 
     def step(self, **kwargs) -> None:  # noqa: D102
         self.loss_scaler.unscale_(self.optimizer)

@@ -2,7 +2,7 @@
 dataset_type = 'CocoDataset'
 data_root = 'data/demo_coco/'
 metainfo = dict(classes=('circle', 'square', 'triangle', 'star', 'ellipse'))
-img_scale = (320, 320)
+img_scale = (256, 256)  # images are ~320 px; the demo models run at 256
 backend_args = None
 
 train_pipeline = [
@@ -21,7 +21,7 @@ test_pipeline = [
 ]
 train_dataloader = dict(
     batch_size=4,
-    num_workers=2,
+    num_workers=1,
     persistent_workers=True,
     sampler=dict(type='DefaultSampler', shuffle=True),
     batch_sampler=dict(type='AspectRatioBatchSampler'),
@@ -36,7 +36,7 @@ train_dataloader = dict(
         backend_args=backend_args))
 val_dataloader = dict(
     batch_size=4,
-    num_workers=2,
+    num_workers=1,
     persistent_workers=True,
     drop_last=False,
     sampler=dict(type='DefaultSampler', shuffle=False),

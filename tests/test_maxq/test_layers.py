@@ -1,0 +1,105 @@
+import pytest
+import torch
+from mmcv.cnn import build_conv_layer
+from mmengine.optim import OptimWrapper
+from mmengine.registry import OPTIM_WRAPPERS
+from torch import nn
+
+import mmsparse  # noqa: F401
+from mmsparse.maxq import MaxQConv2d, MaxQLinear, OneShotNMConv2d, SRSTEConv2d
+from mmsparse.maxq.mask import maxq_mask
+
+
+def test_build_through_conv_cfg_and_stem_stays_dense():
+    conv = build_conv_layer(dict(type='MaxQConv2d', n=1, m=16), 32, 16, 3, padding=1)
+    assert isinstance(conv, MaxQConv2d) and isinstance(conv, nn.Conv2d) and conv.is_sparse
+    stem = build_conv_layer(dict(type='MaxQConv2d', n=1, m=16), 3, 16, 7)
+    assert not stem.is_sparse and 'not divisible' in stem.dense_reason
+    with pytest.raises(ValueError, match='cannot take the 1:16 pattern'):
+        build_conv_layer(dict(type='MaxQConv2d', n=1, m=16, incompatible='error'), 3, 16, 7)
+    with pytest.raises(ValueError, match='1 <= N < M'):
+        build_conv_layer(dict(type='MaxQConv2d', n=4, m=4), 16, 16, 3)
+
+
+def test_state_dict_keys_match_plain_conv_plus_mask():
+    conv = MaxQConv2d(16, 8, 3, n=2, m=4)
+    assert set(conv.state_dict()) == set(nn.Conv2d(16, 8, 3).state_dict()) | {'mask'}
+    dense = nn.Conv2d(16, 8, 3).state_dict()
+    result = conv.load_state_dict(dense, strict=False)
+    assert result.missing_keys == ['mask'] and result.unexpected_keys == []
+
+
+@pytest.mark.parametrize('cls', [MaxQConv2d, SRSTEConv2d])
+def test_forward_uses_masked_weight_and_ste_gradient(cls):
+    torch.manual_seed(0)
+    conv = cls(16, 8, 3, padding=1, n=2, m=4)
+    conv.refresh_mask(0.0)
+    x = torch.randn(2, 16, 5, 5)
+    out = conv(x)
+    ref = nn.functional.conv2d(x, conv.weight * conv.mask, conv.bias, padding=1)
+    torch.testing.assert_close(out, ref)
+    # straight-through: grad wrt W equals grad wrt the effective weight W*S (pruned entries included)
+    w_eff = (conv.weight * conv.mask).detach().requires_grad_()
+    nn.functional.conv2d(x, w_eff, conv.bias, padding=1).sum().backward()
+    out.sum().backward()
+    torch.testing.assert_close(conv.weight.grad, w_eff.grad)
+    assert (conv.weight.grad[conv.mask == 0] != 0).any()
+
+
+def test_linear_mask_filter_axis_only():
+    lin = MaxQLinear(32, 4, n=1, m=16)
+    lin.refresh_mask(0.0)
+    torch.testing.assert_close(lin.mask, maxq_mask(lin.weight, 1, 16, 0.0))
+    assert int((lin.folded_weight().reshape(-1, 16) != 0).sum(1).max()) == 1
+
+
+def _step(wrapper_type, conv, **kwargs):
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1)
+    wrapper = OPTIM_WRAPPERS.build(dict(type=wrapper_type, optimizer=opt, **kwargs))
+    wrapper.bind_model(conv)
+    loss = conv(torch.ones(1, 16, 3, 3)).sum()
+    wrapper.update_params(loss)
+    return conv.weight.detach().clone()
+
+
+def _fresh(cls=MaxQConv2d):
+    torch.manual_seed(1)
+    conv = cls(16, 4, 3, n=2, m=4)
+    conv.refresh_mask(0.0)
+    return conv
+
+
+def test_decay_fp32_matches_formula_and_amp_with_real_scaler():
+    conv = _fresh()
+    w0 = conv.weight.detach().clone()
+    x = torch.ones(1, 16, 3, 3)
+    conv(x).sum().backward()
+    expected = w0 - 0.1 * (conv.weight.grad + 1e-2 * (1 - conv.mask.clamp(0, 1)) * w0)
+    conv.weight.grad = None
+    got = _step('NMSparseOptimWrapper', conv, decay=1e-2)
+    torch.testing.assert_close(got, expected)
+    # AMP wrapper (CPU GradScaler, loss scaled by 1024): the decay sees unscaled gradients
+    conv = _fresh()
+    got_amp = _step('NMSparseAmpOptimWrapper', conv, decay=1e-2, loss_scale=1024.0)
+    torch.testing.assert_close(got_amp, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unbound_wrapper_is_an_error():
+    conv = _fresh()
+    wrapper = OPTIM_WRAPPERS.build(dict(type='NMSparseOptimWrapper',
+                                        optimizer=torch.optim.SGD(conv.parameters(), lr=0.1)))
+    with pytest.raises(RuntimeError, match='not bound'):
+        wrapper.update_params(conv(torch.ones(1, 16, 3, 3)).sum())
+
+
+def test_oneshot_masks_grads_and_weights():
+    conv = _fresh(OneShotNMConv2d)
+    w = _step('NMSparseOptimWrapper', conv, decay=0.0)
+    assert (w[conv.mask == 0] == 0).all()
+    assert torch.equal(conv.folded_weight(), w * conv.mask)
+
+
+def test_plain_optim_wrapper_still_works():
+    conv = _fresh()
+    OptimWrapper(torch.optim.SGD(conv.parameters(), lr=0.1)).update_params(
+        conv(torch.ones(1, 16, 3, 3)).sum())
