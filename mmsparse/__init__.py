@@ -4,7 +4,7 @@ Importing the package registers its layers, hooks and optimizer wrappers into MM
 (configs use ``custom_imports = dict(imports=['mmsparse'], allow_failed_imports=False)``) and installs
 the checkpoint-loading fix for current torch (:mod:`mmsparse.compat`).
 """
-from . import compat, core, engine, maxq  # noqa: F401
+from . import cgmq, compat, core, engine, export, maxq, sapp  # noqa: F401
 from .version import __version__
 
 __all__ = ['__version__']

@@ -1,0 +1,1 @@
+"""CGMQ: constraint-guided mixed-precision quantization under a hard BOPs budget."""

@@ -1,0 +1,1 @@
+"""Folding to plain mmdet checkpoints, verification, ONNX export, compressed formats."""

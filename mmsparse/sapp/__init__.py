@@ -1,0 +1,1 @@
+"""SequentialAttention++: block sparsification with attention scores and ACDC phases."""
