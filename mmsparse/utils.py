@@ -29,3 +29,33 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def check_layer_types(cfg) -> None:
+    """Fail early, with the config path, on a ``conv_cfg`` whose layer type is not registered.
+
+    mmcv's ``build_conv_layer`` reports an unknown type as "Cannot find None in registry"; this names
+    the key and the type before the runner is built.
+    """
+    from mmengine.registry import init_default_scope
+    from mmengine.registry import MODELS as ROOT_MODELS
+
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    registry = ROOT_MODELS
+    if cfg.get('default_scope'):
+        import importlib
+        registry = importlib.import_module(f'{cfg.default_scope}.registry').MODELS
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == 'conv_cfg' and isinstance(value, dict) and \
+                        registry.get(value.get('type')) is None:
+                    raise KeyError(f'{path}.{key}: unknown layer type {value.get("type")!r} (is the '
+                                   "package that registers it in custom_imports?)")
+                walk(value, f'{path}.{key}')
+        elif isinstance(node, (list, tuple)):
+            for idx, value in enumerate(node):
+                walk(value, f'{path}[{idx}]')
+
+    walk(cfg.get('model', {}), 'model')

@@ -8,7 +8,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmsparse  # noqa: F401  registers mmsparse's layers, hooks, optimizer wrappers
-from mmsparse.utils import amp_variant
+from mmsparse.utils import amp_variant, check_layer_types
 
 
 def parse_args() -> argparse.Namespace:
@@ -62,6 +62,7 @@ def main() -> None:
         cfg.resume = True
         cfg.load_from = args.resume
 
+    check_layer_types(cfg)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()
 

@@ -3,5 +3,8 @@ _base_ = 'mmdet::_base_/default_runtime.py'
 
 custom_imports = dict(imports=['mmsparse'], allow_failed_imports=False)
 
-# Checkpoints in plain types, so resume works with torch.load(weights_only=True) (docs/compat.md).
-default_hooks = dict(safe_checkpoint=dict(type='SafeCheckpointHook'))
+# Checkpoints in plain types, so resume works with torch.load(weights_only=True) (docs/compat.md),
+# and RNG states saved with them, so a resumed run draws the same samples as an uninterrupted one.
+default_hooks = dict(
+    safe_checkpoint=dict(type='SafeCheckpointHook'),
+    rng_state=dict(type='RNGStateHook'))

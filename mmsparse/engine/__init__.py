@@ -1,6 +1,7 @@
 """Engine pieces shared by the methods: gradient-edit optimizer wrappers, layer converter."""
 from .converter import ConvertedModel, convert_layers
 from .grad_edit import GradEditAmpOptimWrapper, GradEditMixin, GradEditOptimWrapper
+from .rng_state_hook import RNGStateHook
 
 __all__ = ['ConvertedModel', 'convert_layers', 'GradEditMixin', 'GradEditOptimWrapper',
-           'GradEditAmpOptimWrapper']
+           'GradEditAmpOptimWrapper', 'RNGStateHook']
