@@ -1,7 +1,8 @@
 """Hard N:M masks and block selection with a defined tie rule.
 
 Tie rule (all selections here): among equal magnitudes the element with the lower index in the block
-(or the lower block index) wins. Stable sorts implement it; it is what makes masks reproducible.
+(or the lower block index) wins. ``argmax`` (first maximum) and stable sorts implement it; it is what
+makes masks reproducible.
 """
 import torch
 from torch import Tensor
@@ -10,10 +11,18 @@ from .patterns import from_blocks, to_blocks
 
 
 def hard_nm_mask_blocks(abs_blocks: Tensor, n: int) -> Tensor:
-    """Binary ``(G, M)`` mask keeping the ``n`` largest entries of each row of ``abs_blocks``."""
-    order = torch.sort(abs_blocks, dim=1, descending=True, stable=True).indices
+    """Binary ``(G, M)`` mask keeping the ``n`` largest entries of each row of ``abs_blocks``.
+
+    ``n`` passes of a row-wise ``argmax`` (selection, no sort): each pass takes the first maximum of
+    what is left, so ties go to the lower channel index. ``abs_blocks`` must be non-negative.
+    """
     mask = torch.zeros_like(abs_blocks)
-    mask.scatter_(1, order[:, :n], 1.0)
+    work = abs_blocks.clone() if n > 1 else abs_blocks
+    for step in range(n):
+        idx = work.argmax(dim=1, keepdim=True)
+        mask.scatter_(1, idx, 1.0)
+        if step + 1 < n:
+            work.scatter_(1, idx, -1.0)
     return mask
 
 

@@ -9,6 +9,7 @@ magnitude of its row), so all weights tied at the boundary are enhanced; the har
 per block with the lower channel index winning ties (:mod:`mmsparse.core.masks`).
 """
 import math
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -17,18 +18,30 @@ from ..core.masks import hard_nm_mask_blocks, smallest_indices
 from ..core.patterns import from_blocks, to_blocks
 
 
+def order_stats(rows: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The k-th and (k+1)-th smallest value of every row (1-based, ``1 <= k < row_len``).
+
+    Selection, not sorting: a ``topk`` of the ``row_len − k + 1`` largest values when that is the
+    smaller side (e.g. 1:16), else one ``kthvalue`` plus the smallest value above it (e.g. 2:4).
+    """
+    keep = rows.shape[1] - k
+    if keep + 1 <= k:
+        top = torch.topk(rows, keep + 1, dim=1, largest=True, sorted=True).values
+        return top[:, keep:keep + 1], top[:, keep - 1:keep]
+    v_k = torch.kthvalue(rows, k, dim=1, keepdim=True).values
+    at_most = rows <= v_k
+    above = rows.masked_fill(at_most, float('inf')).amin(dim=1, keepdim=True)
+    tied = at_most.sum(dim=1, keepdim=True) > k   # the (k+1)-th smallest equals the k-th
+    return v_k, torch.where(tied, v_k, above)
+
+
 def axis_scores(rows: Tensor, n: int, m: int, tau: float) -> Tensor:
     """Soft scores ``q_a`` of non-negative ``rows`` (one query row per line).
 
     ``k = floor((m - n) / m · row_len)``; the threshold is the mean of the k-th and (k+1)-th smallest
-    values, found by a partial selection of the ``row_len - k + 1`` largest values (no full sort).
+    values (:func:`order_stats`).
     """
-    row_len = rows.shape[1]
-    k = (m - n) * row_len // m
-    keep = row_len - k
-    top = torch.topk(rows, keep + 1, dim=1, largest=True, sorted=True).values
-    v_k1 = top[:, keep - 1:keep]   # (k+1)-th smallest
-    v_k = top[:, keep:keep + 1]    # k-th smallest
+    v_k, v_k1 = order_stats(rows, (m - n) * rows.shape[1] // m)
     threshold = 0.5 * (v_k + v_k1)
     return (rows >= v_k1) * torch.sigmoid((rows - threshold) / tau)
 

@@ -85,3 +85,13 @@ def test_tie_rule_soft_scores_enhance_all_boundary_ties():
 def test_same_weights_same_mask():
     w = torch.randn(16, 32, 3, 3)
     assert torch.equal(maxq_mask(w, 2, 4, 0.5), maxq_mask(w.clone(), 2, 4, 0.5))
+
+
+@pytest.mark.parametrize('k', [1, 3, 4, 5, 7])
+def test_order_stats_both_paths_match_sort_with_ties(k):
+    from mmsparse.maxq.mask import order_stats
+    rows = torch.tensor([[0.3, 0.1, 0.3, 0.3, 0.9, 0.2, 0.3, 0.5],
+                         [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.7]])
+    srt = rows.sort(dim=1).values
+    v_k, v_k1 = order_stats(rows, k)
+    assert torch.equal(v_k.flatten(), srt[:, k - 1]) and torch.equal(v_k1.flatten(), srt[:, k])
