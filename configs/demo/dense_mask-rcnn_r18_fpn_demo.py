@@ -43,3 +43,5 @@ default_hooks = dict(
 log_processor = dict(by_epoch=False)
 randomness = dict(seed=0)
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
+# CPU DDP: mmengine passes device_ids=[LOCAL_RANK] by default, which torch refuses for CPU modules.
+model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False)

@@ -97,8 +97,10 @@ def safe_load_from_local(filename: str, map_location: Optional[Union[str, Callab
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             checkpoint = torch.load(filename, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError) as err:
+        raise RuntimeError(f'checkpoint {filename!r} is corrupted or truncated ({err})') from err
     except pickle.UnpicklingError as err:
-        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(err))
+        found = re.search(r'GLOBAL ([\w.]+)', str(err))
         raise UnsafeCheckpointError(
             f'refused to load {filename!r}: it references '
             f'{found.group(1) if found else "objects"}, outside mmsparse\'s allow-list '

@@ -1,6 +1,8 @@
 """MaxQHook: drives the N:M masks of MaxQ, SR-STE and one-shot layers from the runner's progress."""
 from typing import List, Tuple
 
+import torch
+from mmengine.dist import all_reduce, get_world_size
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
@@ -69,8 +71,11 @@ class MaxQHook(Hook):
         return [(n, m) for n, m in model.named_modules() if isinstance(m, NMSparseMixin)]
 
     def _refresh(self, runner, preserve: float, first: bool = False) -> None:
-        for _, layer in self.sparse_layers(runner):
+        for name, layer in self.sparse_layers(runner):
             if first or layer.recompute_each_step:
+                if layer.is_sparse and not bool(torch.isfinite(layer.weight).all()):
+                    raise FloatingPointError(f'MaxQHook: {name}.weight holds NaN or inf at iteration '
+                                             f'{runner.iter}; refusing to compute an N:M mask from it')
                 layer.refresh_mask(preserve)
 
     def _model(self, runner) -> nn.Module:
@@ -111,12 +116,28 @@ class MaxQHook(Hook):
         preserve = 0.0 if last else self.preserve_rate_at(runner, nxt)
         self._refresh(runner, preserve)
         if last or self.every_n_train_iters(runner, self.interval):
+            self._check_ranks(runner)
             stats = [s for s in model_report(self._model(runner)) if s.max_nnz is not None]
             runner.message_hub.update_scalar('train/nm_preserve_rate', preserve)
             runner.message_hub.update_scalar('train/nm_sparsity', overall_sparsity(stats))
         if last:
             runner.logger.info('MaxQHook: final masks fixed at preserve rate 0\n'
                                f'{format_report(model_report(self._model(runner)))}')
+
+    def _check_ranks(self, runner) -> None:
+        """Under DDP, fail loudly if the ranks' masks differ (they are pure functions of the weights)."""
+        if get_world_size() == 1:
+            return
+        checksum = torch.zeros(2, dtype=torch.float64)
+        for idx, (_, layer) in enumerate(self.sparse_layers(runner), 1):
+            total = layer.mask.double().sum().cpu()
+            checksum += torch.stack([total, total * idx])
+        low, high = checksum.clone(), checksum.clone()
+        all_reduce(low, op='min')
+        all_reduce(high, op='max')
+        if not torch.equal(low, high):
+            raise RuntimeError(f'MaxQHook: N:M masks differ across ranks at iteration {runner.iter} '
+                               f'(checksums {low.tolist()} vs {high.tolist()})')
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Check that mask buffers were really loaded (MMEngine loads non-strictly)."""
