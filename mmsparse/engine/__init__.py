@@ -2,6 +2,7 @@
 from .converter import ConvertedModel, convert_layers
 from .grad_edit import GradEditAmpOptimWrapper, GradEditMixin, GradEditOptimWrapper
 from .rng_state_hook import RNGStateHook
+from .sanity_check_hook import SanityCheckHook
 
 __all__ = ['ConvertedModel', 'convert_layers', 'GradEditMixin', 'GradEditOptimWrapper',
-           'GradEditAmpOptimWrapper', 'RNGStateHook']
+           'GradEditAmpOptimWrapper', 'RNGStateHook', 'SanityCheckHook']

@@ -76,20 +76,3 @@ def test_resume_is_exact(maxq_runs):
     assert full.keys() == res.keys()
     for key in full:
         torch.testing.assert_close(res[key], full[key], rtol=0, atol=0, msg=key)
-
-
-@pytest.mark.parametrize('hook,match', [
-    (dict(type='MaxQHook', schedule='step'), 'unknown preserve-rate schedule'),
-    (dict(type='MaxQHook', start=5, end=2), 'start <= end'),
-])
-def test_bad_schedule_fails_before_training(tmp_path, tiny_coco, hook, match):
-    proc = run_tool('train.py', [_cfg(tiny_coco, str(tmp_path), custom_hooks=[hook])], check=False)
-    assert proc.returncode != 0 and match in proc.stderr
-    assert 'Iter(train)' not in proc.stdout + proc.stderr
-
-
-def test_invalid_nm_fails_before_training(tmp_path, tiny_coco):
-    cfg = _cfg(tiny_coco, str(tmp_path),
-               **{'model.backbone.conv_cfg': dict(type='MaxQConv2d', n=16, m=16)})
-    proc = run_tool('train.py', [cfg], check=False)
-    assert proc.returncode != 0 and 'invalid N:M pattern 16:16' in proc.stderr
