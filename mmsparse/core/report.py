@@ -1,11 +1,12 @@
 """Per-layer and whole-model sparsity report, and a pattern verifier for any state dict."""
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .blocks import BlockPattern, BlockViolation, block_violations, is_block
 from .patterns import NMPattern, to_blocks
 
 
@@ -106,18 +107,26 @@ def nm_violations(name: str, weight: Tensor, pattern: NMPattern, limit: int = 10
     return [Violation(name, c, int(nnz[b]), str(pattern)) for c, b in zip(coords, bad)]
 
 
-def verify_state_dict(state_dict: Mapping[str, Tensor], patterns: Dict[str, str]) -> List[Violation]:
-    """Check ``{layer name: 'N:M'}`` patterns on the ``<layer>.weight`` tensors of a state dict.
+def verify_state_dict(state_dict: Mapping[str, Tensor],
+                      patterns: Dict[str, str]) -> List[Union[Violation, BlockViolation]]:
+    """Check ``{layer name: pattern}`` on the ``<layer>.weight`` tensors of a state dict.
+
+    Patterns are N:M (``'2:4'``: at most N non-zeros per block of M input channels) or block
+    (``'block16'``: 16×16 tiles of the 2-D view; ``'block16@0.7'``: and at least 70% of them exactly
+    zero, see :mod:`mmsparse.core.blocks`). Other strings (``'dense'``) are not checked.
 
     Raises:
         KeyError: when a declared layer has no weight in the state dict.
     """
     violations = []
     for layer, text in patterns.items():
-        if not is_nm(text):
+        if not (is_nm(text) or is_block(text)):
             continue
         key = f'{layer}.weight'
         if key not in state_dict:
             raise KeyError(f'pattern declared for {layer!r} but {key!r} is not in the checkpoint')
-        violations += nm_violations(layer, state_dict[key], NMPattern.parse(text))
+        if is_nm(text):
+            violations += nm_violations(layer, state_dict[key], NMPattern.parse(text))
+        else:
+            violations += block_violations(layer, state_dict[key], BlockPattern.parse(text))
     return violations

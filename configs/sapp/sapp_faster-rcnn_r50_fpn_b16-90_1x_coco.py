@@ -1,0 +1,7 @@
+# SA++ Faster R-CNN R50-FPN, 16x16 blocks, 90% block sparsity.
+_base_ = './sapp_faster-rcnn_r50_fpn_b16-70_1x_coco.py'
+
+custom_hooks = [
+    dict(type='SequentialAttentionHook', sparsity=0.9, warmup=1, sparsify=2, sparse=1, dense=1,
+         cycles=2, c=4.0, by_epoch=True, interval=50)
+]
