@@ -31,12 +31,36 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
-def check_layer_types(cfg) -> None:
-    """Fail early, with the config path, on a ``conv_cfg`` whose layer type is not registered.
+def check_config(cfg) -> None:
+    """Pre-flight checks that name the culprit before the runner is built.
 
-    mmcv's ``build_conv_layer`` reports an unknown type as "Cannot find None in registry"; this names
-    the key and the type before the runner is built.
+    * a ``conv_cfg`` whose layer type is not registered (mmcv's ``build_conv_layer`` reports it as
+      "Cannot find None in registry");
+    * a COCO-style training set without images or annotations (mmengine's dataset serialisation
+      fails on it with "need at least one array to concatenate").
     """
+    _check_train_annotations(cfg)
+    _check_layer_types(cfg)
+
+
+def _check_train_annotations(cfg) -> None:
+    import json
+    dataset = cfg.get('train_dataloader', {}).get('dataset', {})
+    ann_file = dataset.get('ann_file')
+    if not ann_file or not str(ann_file).endswith('.json'):
+        return
+    path = os.path.join(dataset.get('data_root') or '', ann_file)
+    if not os.path.isfile(path):
+        return   # the dataset reports a missing file itself, with its path
+    with open(path) as f:
+        coco = json.load(f)
+    filter_empty = dataset.get('filter_cfg', {}).get('filter_empty_gt', False)
+    if not coco.get('images') or (filter_empty and not coco.get('annotations')):
+        raise ValueError(f'the training dataset is empty: {path} has {len(coco.get("images", []))} '
+                         f'images and {len(coco.get("annotations", []))} annotations')
+
+
+def _check_layer_types(cfg) -> None:
     from mmengine.registry import init_default_scope
     from mmengine.registry import MODELS as ROOT_MODELS
 

@@ -8,7 +8,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmsparse  # noqa: F401  registers mmsparse's layers, hooks, optimizer wrappers
-from mmsparse.utils import check_layer_types
+from mmsparse.utils import check_config
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,7 +43,7 @@ def main() -> None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
 
-    check_layer_types(cfg)
+    check_config(cfg)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults

@@ -8,7 +8,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmsparse  # noqa: F401  registers mmsparse's layers, hooks, optimizer wrappers
-from mmsparse.utils import amp_variant, check_layer_types
+from mmsparse.utils import amp_variant, check_config
 
 
 def parse_args() -> argparse.Namespace:
@@ -62,7 +62,7 @@ def main() -> None:
         cfg.resume = True
         cfg.load_from = args.resume
 
-    check_layer_types(cfg)
+    check_config(cfg)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()
 

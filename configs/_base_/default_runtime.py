@@ -5,7 +5,7 @@ custom_imports = dict(imports=['mmsparse'], allow_failed_imports=False)
 
 # Checkpoints in plain types, so resume works with torch.load(weights_only=True) (docs/compat.md),
 # RNG states saved with them, so a resumed run draws the same samples as an uninterrupted one, and
-# early errors for empty datasets and checkpoints that do not fit the model.
+# early errors for checkpoints that do not fit the model.
 default_hooks = dict(
     safe_checkpoint=dict(type='SafeCheckpointHook'),
     rng_state=dict(type='RNGStateHook'),

@@ -1,4 +1,4 @@
-"""SanityCheckHook: inputs that would silently train nothing fail before training, clearly."""
+"""SanityCheckHook: checkpoints that would silently load nothing fail before training, clearly."""
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
@@ -6,19 +6,14 @@ from mmengine.registry import HOOKS
 
 @HOOKS.register_module()
 class SanityCheckHook(Hook):
-    """Refuse an empty training set and checkpoints that do not fit the model.
+    """Refuse checkpoints that do not fit the model.
 
     MMEngine loads checkpoints non-strictly and only logs mismatches, so a checkpoint of another
     architecture (or with a key prefix the model does not use) would silently leave the model
-    untrained; an empty dataset makes the infinite sampler spin forever.
+    untrained.
     """
 
     priority = 'VERY_HIGH'
-
-    def before_train(self, runner) -> None:  # noqa: D102
-        if len(runner.train_dataloader.dataset) == 0:
-            raise RuntimeError('the training dataset is empty: check data_root, ann_file and '
-                               'filter_cfg of train_dataloader.dataset')
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:  # noqa: D102
         state = checkpoint.get('state_dict', checkpoint)

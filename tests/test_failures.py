@@ -1,0 +1,93 @@
+"""Catalogue of bad inputs: each fails before training (or at the step where it occurs) with one
+clear message, through the real tools/train.py."""
+import json
+
+import pytest
+import torch
+from conftest import run_tool, tiny_config
+
+pytestmark = pytest.mark.slow
+MAXQ = 'configs/demo/maxq_mask-rcnn_r18_1-16_demo.py'
+
+
+def _train(tiny_coco, tmp_path, **updates):
+    cfg = tiny_config(MAXQ, tiny_coco, str(tmp_path / 'wd'), max_iters=2,
+                      **{'load_from': None, **updates})
+    proc = run_tool('train.py', [cfg], check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _model_state(tiny_coco, tmp_path):
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(tiny_config(MAXQ, tiny_coco, str(tmp_path / 'build')))
+    return MODELS.build(cfg.model).state_dict()
+
+
+CASES = {
+    'invalid N:M': (dict(**{'model.backbone.conv_cfg': dict(type='MaxQConv2d', n=0, m=16)}),
+                    'invalid N:M pattern 0:16'),
+    'unknown schedule': (dict(custom_hooks=[dict(type='MaxQHook', schedule='step')]),
+                         'unknown preserve-rate schedule'),
+    'end before start': (dict(custom_hooks=[dict(type='MaxQHook', start=5, end=2)]),
+                         'start <= end'),
+    'channels not divisible': (dict(model=dict(
+        _delete_=False, backbone=dict(conv_cfg=dict(type='MaxQConv2d', n=1, m=16,
+                                                    incompatible='error')))),
+        'cannot take the 1:16 pattern: 3 input channels not divisible by M=16'),
+    'missing checkpoint': (dict(load_from='/nonexistent/dense.pth'), 'does not exist'),
+    'two methods on one layer': (dict(model=dict(
+        _delete_=True, type='ConvertedModel', model=None,
+        rules=[dict(include=r'backbone\.layer1\.0\.conv1',
+                    layer=dict(type='SRSTEConv2d', n=1, m=16))])), 'already a MaxQConv2d'),
+}
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_config_errors(name, tiny_coco, tmp_path):
+    updates, message = CASES[name]
+    if name == 'two methods on one layer':
+        from mmengine.config import Config
+        base = Config.fromfile(tiny_config(MAXQ, tiny_coco, str(tmp_path / 'base')))
+        updates['model']['model'] = base.model.to_dict()
+    code, log = _train(tiny_coco, tmp_path, **updates)
+    assert code != 0 and message in log, log[-3000:]
+    assert 'Iter(train)' not in log
+
+
+def test_corrupted_checkpoint(tiny_coco, tmp_path):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'PK\x03\x04 not a checkpoint')
+    code, log = _train(tiny_coco, tmp_path, load_from=str(bad))
+    assert code != 0 and 'corrupted or truncated' in log and 'Iter(train)' not in log
+
+
+def test_checkpoint_of_another_architecture(tiny_coco, tmp_path):
+    ckpt = tmp_path / 'other.pth'
+    torch.save(dict(state_dict={'backbone.conv1.weight': torch.zeros(8, 3, 3, 3)}), ckpt)
+    code, log = _train(tiny_coco, tmp_path, load_from=str(ckpt))
+    assert code != 0 and 'does not fit the model' in log and 'backbone.conv1.weight' in log
+
+
+def test_nan_weights_name_the_layer(tiny_coco, tmp_path):
+    state = _model_state(tiny_coco, tmp_path)
+    state['backbone.layer2.0.conv1.weight'][0, 0, 0, 0] = float('nan')
+    ckpt = tmp_path / 'nan.pth'
+    torch.save(dict(state_dict=state), ckpt)
+    code, log = _train(tiny_coco, tmp_path, load_from=str(ckpt))
+    assert code != 0 and 'backbone.layer2.0.conv1.weight holds NaN or inf' in log
+    assert 'Iter(train)' not in log
+
+
+def test_empty_dataset(tiny_coco, tmp_path):
+    root = tmp_path / 'empty'
+    (root / 'annotations').mkdir(parents=True)
+    src = json.loads(open(f'{tiny_coco}/annotations/instances_train.json').read())
+    empty = dict(images=[], annotations=[], categories=src['categories'])
+    for split in ('train', 'val'):
+        (root / 'annotations' / f'instances_{split}.json').write_text(json.dumps(empty))
+    cfg = tiny_config(MAXQ, str(root), str(tmp_path / 'wd'), max_iters=2, load_from=None)
+    proc = run_tool('train.py', [cfg], check=False, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and 'dataset is empty' in log.lower(), log[-3000:]
