@@ -8,10 +8,12 @@ from conftest import run_tool, tiny_config
 
 pytestmark = pytest.mark.slow
 MAXQ = 'configs/demo/maxq_mask-rcnn_r18_1-16_demo.py'
+CGMQ = 'configs/cgmq/cgmq_mask-rcnn_r18_fpn_demo_w4a4-budget.py'
+SAPP = 'configs/sapp/demo/sapp_mask-rcnn_r18_fpn_b16-70_demo.py'
 
 
-def _train(tiny_coco, tmp_path, **updates):
-    cfg = tiny_config(MAXQ, tiny_coco, str(tmp_path / 'wd'), max_iters=2,
+def _train(tiny_coco, tmp_path, base=MAXQ, **updates):
+    cfg = tiny_config(base, tiny_coco, str(tmp_path / 'wd'), max_iters=2,
                       **{'load_from': None, **updates})
     proc = run_tool('train.py', [cfg], check=False)
     return proc.returncode, proc.stdout + proc.stderr
@@ -42,6 +44,32 @@ CASES = {
         rules=[dict(include=r'backbone\.layer1\.0\.conv1',
                     layer=dict(type='SRSTEConv2d', n=1, m=16))])), 'already a MaxQConv2d'),
 }
+
+
+METHOD_CASES = {
+    'CGMQ budget below the all-2-bit model': (CGMQ, dict(custom_hooks=[dict(
+        type='CGMQHook', budget_relative=1e-6, input_shape=(3, 96, 96), num_rois=16)]),
+        'all-2-bit'),
+    'CGMQ relative budget above 1': (CGMQ, dict(custom_hooks=[dict(
+        type='CGMQHook', budget_relative=1.5, input_shape=(3, 96, 96))]), 'must be in (0, 1]'),
+    'SA++ block size not dividing': (SAPP, {'model.backbone.conv_cfg': dict(
+        type='SAPPConv2d', block_size=48, min_blocks=1, incompatible='error')}, 'cannot take'),
+    'SA++ sparsity outside (0, 1)': (SAPP, dict(custom_hooks=[dict(
+        type='SequentialAttentionHook', sparsity=1.2, warmup=1, sparsify=1, sparse=1, dense=1,
+        cycles=1)]), 'must be a number in (0, 1)'),
+    'SA++ overlapping phases': (SAPP, dict(custom_hooks=[dict(
+        type='SequentialAttentionHook', sparsity=0.7, phases=[
+            dict(type='dense', begin=0, end=2), dict(type='sparse', begin=1, end=None)])]),
+        'overlapping phases'),
+}
+
+
+@pytest.mark.parametrize('name', list(METHOD_CASES))
+def test_method_config_errors(name, tiny_coco, tmp_path):
+    base, updates, message = METHOD_CASES[name]
+    code, log = _train(tiny_coco, tmp_path, base=base, **updates)
+    assert code != 0 and message in log, log[-3000:]
+    assert 'Iter(train)' not in log
 
 
 @pytest.mark.parametrize('name', list(CASES))
