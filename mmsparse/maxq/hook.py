@@ -34,6 +34,9 @@ class MaxQHook(Hook):
             iterations. Defaults to False.
         exp_rate (float): Rate of the ``'exp'`` curve per unit of progress. Defaults to 0.05.
         interval (int): Log sparsity and preserve rate every ``interval`` iterations. Defaults to 50.
+        mask_interval (int): Recompute masks after every ``mask_interval``-th optimizer step (and
+            always after the last). 1 is the exact method; larger values amortise the mask cost at
+            the price of masks that lag the weights (an explicit approximation). Defaults to 1.
 
     Note:
         Pair it with :class:`NMSparseOptimWrapper` (or the AMP variant) for the SR-STE gradient decay.
@@ -42,10 +45,14 @@ class MaxQHook(Hook):
     priority = 'NORMAL'
 
     def __init__(self, schedule: str = 'cubic', start: int = 0, end: int = 0,
-                 by_epoch: bool = False, exp_rate: float = 0.05, interval: int = 50) -> None:
+                 by_epoch: bool = False, exp_rate: float = 0.05, interval: int = 50,
+                 mask_interval: int = 1) -> None:
         validate_schedule(schedule, start, end)
-        if interval < 1:
-            raise ValueError(f'interval must be >= 1, got {interval}')
+        if interval < 1 or mask_interval < 1:
+            raise ValueError(f'interval and mask_interval must be >= 1, got {interval}, '
+                             f'{mask_interval}')
+        self.mask_interval = mask_interval
+        self._masks_loaded = False
         self.schedule = schedule
         self.start = start
         self.end = end
@@ -97,11 +104,9 @@ class MaxQHook(Hook):
             runner.logger.warning(
                 f'MaxQHook: optimizer wrapper {type(optim_wrapper).__name__} applies no N:M gradient '
                 'edit; use NMSparseOptimWrapper / NMSparseAmpOptimWrapper for the SR-STE decay')
-        oneshot_resumed = runner.iter > 0 and any(not l.recompute_each_step for _, l in layers)
-        if oneshot_resumed:
-            # one-shot masks come from the first weights; on resume they come from the checkpoint.
-            self._refresh(runner, self.preserve_rate_at(runner, runner.iter))
-        else:
+        if not (runner.iter > 0 and self._masks_loaded):
+            # Fresh start (or a resumed checkpoint without masks): masks from the loaded weights.
+            # On resume the checkpoint's masks are exactly those of the uninterrupted run.
             self._refresh(runner, self.preserve_rate_at(runner, runner.iter), first=True)
         runner.logger.info(
             f'MaxQHook: {self.schedule} preserve-rate schedule from {self.start} to {self.end} '
@@ -114,7 +119,8 @@ class MaxQHook(Hook):
         nxt = runner.iter + 1
         last = nxt >= runner.max_iters
         preserve = 0.0 if last else self.preserve_rate_at(runner, nxt)
-        self._refresh(runner, preserve)
+        if last or nxt % self.mask_interval == 0:
+            self._refresh(runner, preserve)
         if last or self.every_n_train_iters(runner, self.interval):
             self._check_ranks(runner)
             stats = [s for s in model_report(self._model(runner)) if s.max_nnz is not None]
@@ -144,6 +150,7 @@ class MaxQHook(Hook):
         state = checkpoint.get('state_dict', checkpoint)
         missing = [name for name, layer in self.sparse_layers(runner)
                    if layer.is_sparse and f'{name}.mask' not in state]
+        self._masks_loaded = not missing
         if not missing:
             return
         oneshot = [n for n, l in self.sparse_layers(runner) if n in missing and not l.recompute_each_step]

@@ -42,6 +42,7 @@ class NMSparseMixin:
             raise ValueError(f'{type(self).__name__} {tuple(self.weight.shape)} cannot take the '
                              f'{self.pattern} pattern: {self.dense_reason}')
         self.register_buffer('mask', torch.ones_like(self.weight, requires_grad=False))
+        self._mask_key: Optional[tuple] = None
 
     @property
     def is_sparse(self) -> bool:
@@ -65,9 +66,15 @@ class NMSparseMixin:
 
     @torch.no_grad()
     def refresh_mask(self, preserve: float) -> None:
-        """Recompute the stored mask from the current weights."""
-        if self.is_sparse:
+        """Recompute the stored mask from the current weights.
+
+        Skipped when neither the weights (their in-place version counter) nor ``preserve`` changed
+        since the last computation, e.g. for frozen stages once the schedule has ended.
+        """
+        key = (preserve, self.weight._version, self.weight.data_ptr())
+        if self.is_sparse and key != self._mask_key:
             self.mask.copy_(self.compute_mask(preserve))
+            self._mask_key = key
 
     def sparse_weight(self) -> Tensor:
         """``W ⊙ S`` with a straight-through gradient to ``W``."""

@@ -103,3 +103,17 @@ def test_plain_optim_wrapper_still_works():
     conv = _fresh()
     OptimWrapper(torch.optim.SGD(conv.parameters(), lr=0.1)).update_params(
         conv(torch.ones(1, 16, 3, 3)).sum())
+
+
+def test_refresh_skips_unchanged_weights_and_follows_optimizer_steps():
+    conv = _fresh()
+    conv.mask.fill_(7.0)             # would be overwritten by a recomputation
+    conv.refresh_mask(0.0)           # same weights, same preserve rate: cached
+    assert (conv.mask == 7.0).all()
+    conv.refresh_mask(0.5)           # new preserve rate: recomputed
+    assert not (conv.mask == 7.0).any()
+    conv.mask.fill_(7.0)
+    conv(torch.ones(1, 16, 3, 3)).sum().backward()
+    torch.optim.SGD(conv.parameters(), lr=0.1).step()   # in-place update bumps the version
+    conv.refresh_mask(0.5)
+    assert not (conv.mask == 7.0).any()
