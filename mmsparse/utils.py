@@ -83,3 +83,15 @@ def _check_layer_types(cfg) -> None:
                 walk(value, f'{path}[{idx}]')
 
     walk(cfg.get('model', {}), 'model')
+
+
+def init_cpu_dist(launcher: str) -> None:
+    """Start the gloo process group for ``--launcher pytorch`` on a machine without CUDA.
+
+    mmengine 0.10.7's launcher calls ``torch.cuda.set_device`` unconditionally, which fails on
+    CPU-only torch builds; the runner skips its own initialisation when a group already exists.
+    """
+    import torch
+    import torch.distributed as dist
+    if launcher == 'pytorch' and not torch.cuda.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend='gloo')

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_tool, tiny_config
+from helpers import run_tool, tiny_config
 
 pytestmark = pytest.mark.slow
 MAXQ = 'configs/demo/maxq_mask-rcnn_r18_1-16_demo.py'

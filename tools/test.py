@@ -8,7 +8,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmsparse  # noqa: F401  registers mmsparse's layers, hooks, optimizer wrappers
-from mmsparse.utils import check_config
+from mmsparse.utils import check_config, init_cpu_dist
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,6 +44,7 @@ def main() -> None:
     cfg.load_from = args.checkpoint
 
     check_config(cfg)
+    init_cpu_dist(args.launcher)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_tool, tiny_config
+from helpers import ROOT, run_tool, tiny_config
 
 from mmsparse.compat import safe_load_from_local
 

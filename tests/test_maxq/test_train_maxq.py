@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_tool, tiny_config
+from helpers import run_tool, tiny_config
 
 from mmsparse.compat import safe_load_from_local
 from mmsparse.core import NMPattern, nm_violations

@@ -4,7 +4,7 @@ import os.path as osp
 
 import pytest
 import torch
-from conftest import run_tool, tiny_config
+from helpers import run_tool, tiny_config
 
 from mmsparse.compat import safe_load_from_local
 

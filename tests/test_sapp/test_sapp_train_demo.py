@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import run_tool, tiny_config
+from helpers import run_tool, tiny_config
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from conftest import run_tool, tiny_config
+from helpers import run_tool, tiny_config
 
 from mmsparse.compat import safe_load_from_local
 

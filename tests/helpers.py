@@ -1,0 +1,51 @@
+"""Helpers for the end-to-end tests: tiny configs derived from the shipped ones, tool runner."""
+import os
+import os.path as osp
+import subprocess
+import sys
+from typing import List, Optional
+
+from mmengine.config import Config
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+PY = sys.executable
+
+
+def tiny_config(base: str, data_root: str, work_dir: str, max_iters: int = 4,
+                ckpt_interval: int = 2, **updates) -> str:
+    """Write a copy of ``base`` (path under configs/) that trains a few iterations on tiny data."""
+    cfg = Config.fromfile(osp.join(ROOT, base))
+    data_root = data_root.rstrip('/') + '/'
+    for split in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        loader = cfg[split]
+        loader.dataset.data_root = data_root
+        for step in loader.dataset.pipeline:
+            if step['type'] == 'Resize':
+                step['scale'] = (96, 96)
+        loader.batch_size = 2
+        loader.num_workers = 1 if split == 'train_dataloader' else 0
+        loader.persistent_workers = split == 'train_dataloader'
+    for split in ('val_evaluator', 'test_evaluator'):
+        cfg[split].ann_file = data_root + 'annotations/instances_val.json'
+    cfg.train_cfg.max_iters = max_iters
+    cfg.train_cfg.val_interval = max_iters
+    cfg.default_hooks.checkpoint.interval = ckpt_interval
+    cfg.default_hooks.checkpoint.max_keep_ckpts = -1
+    cfg.default_hooks.logger.interval = 1
+    cfg.work_dir = work_dir
+    cfg.merge_from_dict(updates)
+    os.makedirs(work_dir, exist_ok=True)
+    path = osp.join(work_dir, 'tiny_config.py')
+    cfg.dump(path)
+    return path
+
+
+def run_tool(tool: str, args: List[str], timeout: int = 600, check: bool = True,
+             env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Run ``tools/<tool>`` in a subprocess from the repo root; return the completed process."""
+    proc = subprocess.run([PY, osp.join(ROOT, 'tools', tool), *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{tool} {args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n'
+                             f'{proc.stderr[-6000:]}')
+    return proc
