@@ -13,12 +13,12 @@ stage "1/5 dense Mask R-CNN R18-FPN from scratch (800 iterations)"
 [[ -f $W/dense/iter_800.pth ]] || $PY tools/train.py configs/demo/dense_mask-rcnn_r18_fpn_demo.py \
   --work-dir $W/dense
 
-stage "2/5 MaxQ 1:16 fine-tuning from the dense checkpoint (300 iterations)"
-[[ -f $W/maxq/iter_300.pth ]] || $PY tools/train.py configs/demo/maxq_mask-rcnn_r18_1-16_demo.py \
+stage "2/5 MaxQ 1:16 fine-tuning from the dense checkpoint (150 iterations)"
+[[ -f $W/maxq/iter_150.pth ]] || $PY tools/train.py configs/demo/maxq_mask-rcnn_r18_1-16_demo.py \
   --work-dir $W/maxq
 
 stage "3/5 fold into a plain mmdet checkpoint (refuses any N:M violation)"
-$PY tools/fold.py configs/demo/maxq_mask-rcnn_r18_1-16_demo.py $W/maxq/iter_300.pth \
+$PY tools/fold.py configs/demo/maxq_mask-rcnn_r18_1-16_demo.py $W/maxq/iter_150.pth \
   --out-dir $W/folded --name maxq_1-16 --compressed
 
 stage "4/5 verify the folded checkpoint against its recorded patterns"

@@ -6,7 +6,7 @@ _base_ = './dense_mask-rcnn_r18_fpn_demo.py'
 load_from = 'work_dirs/demo/dense/iter_800.pth'
 model = dict(backbone=dict(conv_cfg=dict(type='MaxQConv2d', n=1, m=16)))
 
-max_iters = 300
+max_iters = 150
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
 optim_wrapper = dict(type='NMSparseOptimWrapper', decay=2e-4, optimizer=dict(lr=3e-4))
 param_scheduler = [
