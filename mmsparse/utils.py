@@ -53,8 +53,8 @@ def _check_train_annotations(cfg) -> None:
     if not ann_file or not str(ann_file).endswith('.json'):
         return
     path = os.path.join(dataset.get('data_root') or '', ann_file)
-    if not os.path.isfile(path):
-        return   # the dataset reports a missing file itself, with its path
+    if not os.path.isfile(path) or os.path.getsize(path) > 1 << 20:
+        return   # a missing file is reported by the dataset; an empty one is tiny (skip real COCO)
     with open(path) as f:
         coco = json.load(f)
     filter_empty = dataset.get('filter_cfg', {}).get('filter_empty_gt', False)
@@ -64,28 +64,23 @@ def _check_train_annotations(cfg) -> None:
 
 
 def _check_layer_types(cfg) -> None:
-    from mmengine.registry import init_default_scope
-    from mmengine.registry import MODELS as ROOT_MODELS
+    from mmengine.registry import MODELS
 
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    registry = ROOT_MODELS
-    if cfg.get('default_scope'):
-        import importlib
-        registry = importlib.import_module(f'{cfg.default_scope}.registry').MODELS
+    with MODELS.switch_scope_and_registry(cfg.get('default_scope', 'mmdet')) as registry:
+        _walk_conv_cfgs(cfg.get('model', {}), 'model', registry)
 
-    def walk(node, path: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == 'conv_cfg' and isinstance(value, dict) and \
-                        registry.get(value.get('type')) is None:
-                    raise KeyError(f'{path}.{key}: unknown layer type {value.get("type")!r} (is the '
-                                   "package that registers it in custom_imports?)")
-                walk(value, f'{path}.{key}')
-        elif isinstance(node, (list, tuple)):
-            for idx, value in enumerate(node):
-                walk(value, f'{path}[{idx}]')
 
-    walk(cfg.get('model', {}), 'model')
+def _walk_conv_cfgs(node, path: str, registry) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == 'conv_cfg' and isinstance(value, dict) and \
+                    registry.get(value.get('type')) is None:
+                raise KeyError(f'{path}.{key}: unknown layer type {value.get("type")!r} (is the '
+                               "package that registers it in custom_imports?)")
+            _walk_conv_cfgs(value, f'{path}.{key}', registry)
+    elif isinstance(node, (list, tuple)):
+        for idx, value in enumerate(node):
+            _walk_conv_cfgs(value, f'{path}[{idx}]', registry)
 
 
 def init_cpu_dist(launcher: str) -> None:

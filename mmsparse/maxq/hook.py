@@ -71,11 +71,10 @@ class MaxQHook(Hook):
         return preserve_rate(self._progress(runner, iteration), self.start, self.end, self.schedule,
                              self.exp_rate)
 
-    @staticmethod
-    def sparse_layers(runner) -> List[Tuple[str, NMSparseMixin]]:
+    def sparse_layers(self, runner) -> List[Tuple[str, NMSparseMixin]]:
         """All N:M layers of the runner's model, with names."""
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, NMSparseMixin)]
+        return [(n, m) for n, m in self._model(runner).named_modules()
+                if isinstance(m, NMSparseMixin)]
 
     def _refresh(self, runner, preserve: float, first: bool = False) -> None:
         for name, layer in self.sparse_layers(runner):
@@ -85,7 +84,8 @@ class MaxQHook(Hook):
                                              f'{runner.iter}; refusing to compute an N:M mask from it')
                 layer.refresh_mask(preserve)
 
-    def _model(self, runner) -> nn.Module:
+    @staticmethod
+    def _model(runner) -> nn.Module:
         return runner.model.module if is_model_wrapper(runner.model) else runner.model
 
     # -- stages ---------------------------------------------------------------------------------
