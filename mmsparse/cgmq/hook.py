@@ -37,7 +37,7 @@ def greedy_reduction(layers: Sequence[Tuple[str, CGMQMixin]], budget: int) -> Li
                 other = layer.bits_a if kind == 'weight' else layer.bits_w
                 saving = layer.macs * (bits - bits // 2) * other
                 idx = GATED_BITS.index(bits)
-                options.append((saving, float(gate[idx]), name, kind, gate, idx, bits))
+                options.append((saving, float(gate.detach()[idx]), name, kind, gate, idx, bits))
         if not options:
             raise RuntimeError('CGMQ: every tensor is at 2 bits and BOPs still exceed the budget')
         enough = [o for o in options if bops - o[0] <= budget]
@@ -47,7 +47,8 @@ def greedy_reduction(layers: Sequence[Tuple[str, CGMQMixin]], budget: int) -> Li
             choice = min(options, key=lambda o: (-o[0], o[1], o[2], o[3]))
         saving, _, name, kind, gate, idx, bits = choice
         with torch.no_grad():
-            gate[idx] = -abs(float(gate[idx])) if float(gate[idx]) != 0 else -1e-3
+            value = float(gate.detach()[idx])
+            gate[idx] = -abs(value) if value != 0 else -1e-3
         changes.append(dict(layer=name, tensor=kind, bits_from=bits, bits_to=bits // 2,
                             bops_before=bops, bops_after=bops - saving))
 
