@@ -148,6 +148,11 @@ def method_configs(iters: int) -> Dict[str, dict]:
             model=_nm('MaxQConv2d', n, m), optim=dict(type='NMSparseOptimWrapper', decay=2e-4),
             hooks=[dict(type='MaxQHook', schedule='cubic', start=0, end=third, interval=big)],
             desc=f'MaxQ {n}:{m}, cubic schedule over iters [0, {third})')
+    cfgs['maxq-1:16-k8'] = dict(
+        model=_nm('MaxQConv2d', 1, 16), optim=dict(type='NMSparseOptimWrapper', decay=2e-4),
+        hooks=[dict(type='MaxQHook', schedule='cubic', start=0, end=third, interval=big,
+                    mask_interval=8)],
+        desc='MaxQ 1:16 with masks recomputed every 8 steps (mask_interval=8, approximation)')
     for budget, equiv in ((16, 'w4a4'), (8, 'w2a4')):
         cfgs[f'cgmq-{budget}/1024'] = dict(
             model=dict(type='ConvertedModel', model=dict(type='DigitsNet'), rules=[
