@@ -82,8 +82,7 @@ class CGMQMixin:
 
     def quant_weight(self) -> Tensor:
         """The fake-quantized weight (straight-through gradients to weight, range and gates)."""
-        return nested_quantize(self.weight, self._weight_beta(), True, self.weight_gate,
-                               compute_off_level=torch.is_grad_enabled())
+        return nested_quantize(self.weight, self._weight_beta(), True, self.weight_gate)
 
     def quant_input(self, x: Tensor) -> Tensor:
         """The fake-quantized input activation."""
@@ -92,8 +91,7 @@ class CGMQMixin:
         if self.qdq_export:
             return self._qdq_input(x)
         # in float32 even under autocast: bf16 cannot hold an 8-bit residual grid
-        x_q = nested_quantize(x.float(), self._act_beta(), bool(self.act_signed), self.act_gate,
-                              compute_off_level=torch.is_grad_enabled())
+        x_q = nested_quantize(x.float(), self._act_beta(), bool(self.act_signed), self.act_gate)
         return x_q.to(x.dtype)
 
     def _effective_weight(self) -> Tensor:
@@ -134,8 +132,7 @@ class CGMQMixin:
     @torch.no_grad()
     def folded_weight(self) -> Tensor:
         """The quantized weight values in float: what a plain ``nn.Conv2d`` / ``nn.Linear`` holds."""
-        return nested_quantize(self.weight, self._weight_beta(), True, self.weight_gate,
-                               compute_off_level=False).detach().clone()
+        return nested_quantize(self.weight, self._weight_beta(), True, self.weight_gate)
 
     def fold_info(self) -> dict:
         """What export and the report record for this layer."""

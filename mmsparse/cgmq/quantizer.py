@@ -17,7 +17,7 @@ restricted range at 8 bits, zero exactly representable) and an unsigned one ``[0
 Gates are ``z_b = 1[g_b > 0]`` with a straight-through gradient to ``g_b``; nothing is sampled, so
 training and inference quantize identically.
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,17 +28,7 @@ GATED_BITS: Tuple[int, ...] = BIT_WIDTHS[1:]  # 2 bits is the floor, gates switc
 
 def round_half_toward_zero(x: Tensor) -> Tensor:
     """Round to the nearest integer, ties toward zero (so ``±(2^(b−1) − ½)`` maps inside the range)."""
-    return torch.sign(x) * torch.ceil(x.abs() - 0.5)
-
-
-def round_ste(x: Tensor) -> Tensor:
-    """:func:`round_half_toward_zero` forward, identity backward."""
-    return x + (round_half_toward_zero(x) - x).detach()
-
-
-def gate_ste(gate: Tensor) -> Tensor:
-    """``1[g > 0]`` forward (exactly 0.0 / 1.0), identity gradient to ``g`` backward."""
-    return (gate > 0).to(gate.dtype) + (gate - gate.detach())  # exactly 0.0 / 1.0 forward
+    return x.abs().sub_(0.5).ceil_().copysign_(x)
 
 
 def scales(span: Tensor) -> List[Tensor]:
@@ -75,8 +65,100 @@ def gate_values_for_bits(bits: int, magnitude: float) -> List[float]:
     return [magnitude if b <= bits else -magnitude for b in GATED_BITS]
 
 
-def nested_quantize(x: Tensor, beta: Tensor, signed: bool, gates: Tensor,
-                    compute_off_level: bool = True) -> Tensor:
+def _clip(x: Tensor, beta: Tensor, signed: bool) -> Tensor:
+    """``clip(x, α, β)`` with ``α = −β`` (signed) or 0."""
+    if beta.numel() == 1:
+        b = float(beta)
+        return x.clamp(-b if signed else 0.0, b)
+    return torch.minimum(torch.maximum(x, -beta if signed else torch.zeros_like(beta)), beta)
+
+
+def _code(residual: Tensor, scale: Tensor, level: int, signed: bool) -> Tensor:
+    """Clamped integer code (as float) of ``residual`` at the level's scale; ``residual`` is reused."""
+    if level == 0:
+        lo, hi = code_range(2, signed)
+    else:
+        hi = 2 ** (BIT_WIDTHS[level] // 2 - 1)
+        lo = -hi
+    return round_half_toward_zero(residual.div_(scale)).clamp_(lo, hi)
+
+
+# smallest integer type holding the codes of each residual level (±2, ±8, ±128, ±32768)
+_CODE_DTYPES = (torch.int8, torch.int8, torch.int16, torch.int32)
+
+
+def _active_levels(gates: Tensor) -> int:
+    """Residual levels switched on: the length of the on-prefix of the gate chain."""
+    on = (gates.detach() > 0).tolist()
+    return on.index(False) if False in on else len(on)
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast gradient back to ``shape``."""
+    extra = t.dim() - len(shape)
+    t = t.sum(dim=list(range(extra))) if extra else t
+    dims = [i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1]
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+class _NestedQuantize(torch.autograd.Function):
+    """Fused nested fake-quantization, with the straight-through gradients in closed form.
+
+    The straight-through estimator makes rounding and the code clamps (which only absorb float
+    noise) identities in the backward pass, so ``d x_q / d x_c = 1`` and, as every scale is
+    proportional to β, ``d x_q / d β = (x_q − x_c) / β`` at fixed ``x_c``; the clip adds
+    ``d x_c / d β = ±1`` outside ``[α, β]``. A gate's gradient is ``d x_q / d z_l = Σ_{k≥l} ε_k``
+    over the switched-on levels (``ε_l`` alone for the first switched-off level, zero beyond).
+
+    Forward records no graph and keeps ``x``, β, the gates, ``x_q`` (which the next layer keeps
+    anyway) and the integer codes of the residual levels in int8/int16: a fraction of the memory and
+    time of differentiating the arithmetic level by level.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, beta: Tensor, gates: Tensor, signed: bool,
+                keep_codes: bool) -> Tensor:
+        n_on = _active_levels(gates)
+        x_c = _clip(x, beta, signed)
+        s = scales(2.0 * beta if signed else beta)
+        x_q, codes = None, []
+        for level in range(n_on + 1):
+            code = _code(x_c.clone() if x_q is None else x_c - x_q, s[level], level, signed)
+            if keep_codes and level > 0:
+                codes.append(code.to(_CODE_DTYPES[level - 1]))
+            eps = code.mul_(s[level])
+            x_q = eps if x_q is None else x_q.add_(eps)
+        ctx.signed, ctx.n_on = signed, n_on
+        ctx.save_for_backward(x, beta, gates, x_q, *codes)
+        return x_q
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, beta, gates, x_q, *codes = ctx.saved_tensors
+        signed, n_on = ctx.signed, ctx.n_on
+        x_c = _clip(x, beta, signed)
+        inside = x_c == x
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_beta = grad_gates = None
+        if ctx.needs_input_grad[1]:
+            # inside: (x_q − x) / β; outside: (x_q − x_c) / β ± 1 = x_q / β
+            grad_beta = _sum_to(grad * (x_q - x_c * inside) / beta, beta.shape)
+        if ctx.needs_input_grad[2]:
+            s = scales(2.0 * beta if signed else beta)
+            # Σ grad · ε_l per level, ε_l = s_l · code_l (s_l per tensor or per channel)
+            per_level = [(_sum_to(grad * code, beta.shape) * s[level]).sum()
+                         for level, code in enumerate(codes, start=1)]
+            if n_on < len(GATED_BITS):  # the first switched-off level, residual of x_q
+                off = _code(x_c.sub_(x_q), s[n_on + 1], n_on + 1, signed)
+                per_level.append((_sum_to(grad * off, beta.shape) * s[n_on + 1]).sum())
+            grad_gates = torch.zeros_like(gates)
+            for level in range(len(per_level), 0, -1):  # z_{l+1} = 0 after the last on level
+                grad_gates[level - 1] = per_level[level - 1] + (
+                    grad_gates[level] if level < n_on else 0)
+        return grad_x, grad_beta, grad_gates, None, None
+
+
+def nested_quantize(x: Tensor, beta: Tensor, signed: bool, gates: Tensor) -> Tensor:
     """Fake-quantize ``x`` with the nested decomposition and gates ``[g4, g8, g16, g32]``.
 
     Args:
@@ -84,38 +166,14 @@ def nested_quantize(x: Tensor, beta: Tensor, signed: bool, gates: Tensor,
         beta (Tensor): Upper clipping bound, broadcastable to ``x`` (per tensor or per channel), > 0.
         signed (bool): Range ``[−β, β]`` when True, ``[0, β]`` when False.
         gates (Tensor): The four real gate variables ``g4, g8, g16, g32``.
-        compute_off_level (bool): Also compute the residual of the first switched-off level (its
-            value is multiplied by 0, but the straight-through gradient of its gate needs it).
-            Levels beyond it get zero gradient and are skipped. Defaults to True.
 
     Returns:
-        Tensor: ``x_q`` with straight-through gradients to ``x`` (inside the range), ``β`` and gates.
+        Tensor: ``x_q`` with straight-through gradients to ``x`` (inside ``[α, β]``, bounds
+        included), ``β`` and the gates. A gate's gradient is ``d x_q / d z_b`` (zero beyond the first
+        switched-off level, whose residual is computed for its gate's gradient only).
     """
-    alpha = -beta if signed else torch.zeros_like(beta)
-    span = 2.0 * beta if signed else beta
-    x_c = torch.minimum(torch.maximum(x, alpha), beta)
-    s = scales(span)
-    lo, hi = code_range(2, signed)
-    x2 = s[0] * torch.clamp(round_ste(x_c / s[0]), lo, hi)
-    prev = x2
-    on = (gates.detach() > 0).tolist()
-    z = gate_ste(gates)
-    residuals = []
-    for level, bits in enumerate(GATED_BITS):
-        half = 2 ** (bits // 2 - 1)
-        eps = s[level + 1] * torch.clamp(round_ste((x_c - prev) / s[level + 1]), -half, half)
-        residuals.append(eps)
-        if not on[level]:
-            if not compute_off_level:
-                residuals.pop()
-            break
-        prev = prev + eps
-    # x_q = x2 + z4(ε4 + z8(ε8 + …)), built from the innermost computed level outwards
-    inner = None
-    for level in reversed(range(len(residuals))):
-        term = residuals[level] if inner is None else residuals[level] + inner
-        inner = z[level] * term
-    return x2 if inner is None else x2 + inner
+    keep_codes = torch.is_grad_enabled() and gates.requires_grad
+    return _NestedQuantize.apply(x, beta, gates, signed, keep_codes)
 
 
 def quantize_codes(x: Tensor, beta: Tensor, signed: bool, bits: int) -> Tuple[Tensor, Tensor]:
@@ -125,7 +183,7 @@ def quantize_codes(x: Tensor, beta: Tensor, signed: bool, bits: int) -> Tuple[Te
     """
     gates = torch.tensor(gate_values_for_bits(bits, 1.0), device=x.device)
     with torch.no_grad():
-        x_q = nested_quantize(x, beta, signed, gates, compute_off_level=False)
+        x_q = nested_quantize(x, beta, signed, gates)
         span = 2.0 * beta if signed else beta
         scale = scales(span)[BIT_WIDTHS.index(bits)]
         return torch.round(x_q / scale), scale

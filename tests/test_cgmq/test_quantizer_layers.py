@@ -89,6 +89,55 @@ def reference_vec(x, beta, bits):
     return [reference(float(v), beta, True, bits) for v in x]
 
 
+def autograd_reference(x, beta, signed, gates):
+    """SPEC §2's quantizer written with autograd straight-through tricks (the unfused definition)."""
+    def code_ste(v, lo, hi):  # rounding and the noise-absorbing code clamp: identity backward
+        return v + (torch.clamp(torch.sign(v) * torch.ceil(v.abs() - 0.5), lo, hi) - v).detach()
+
+    span = 2 * beta if signed else beta
+    s = [span / 3.0]
+    for b in (2, 4, 8, 16):
+        s.append(s[-1] / (2.0 ** b + 1.0))
+    # tensor-bound clamp: gradient to x inside [α, β] (bounds included), to β / α outside
+    x_c = x.clamp(-beta if signed else 0 * beta, beta)
+    lo, hi = (-1, 1) if signed else (0, 3)
+    x2 = s[0] * code_ste(x_c / s[0], lo, hi)
+    on = (gates.detach() > 0).tolist()
+    z = (gates > 0).to(gates.dtype) + (gates - gates.detach())
+    prev, residuals = x2, []
+    for level, b in enumerate((4, 8, 16, 32)):
+        half = 2 ** (b // 2 - 1)
+        residuals.append(s[level + 1] * code_ste((x_c - prev) / s[level + 1], -half, half))
+        if not on[level]:
+            break
+        prev = prev + residuals[-1]
+    inner = None
+    for level in reversed(range(len(residuals))):
+        inner = z[level] * (residuals[level] if inner is None else residuals[level] + inner)
+    return x2 if inner is None else x2 + inner
+
+
+@pytest.mark.parametrize('signed', [True, False])
+@pytest.mark.parametrize('bits', [2, 4, 8, 16, 32])
+def test_fused_quantizer_gradients_match_autograd_reference(signed, bits):
+    gen = torch.Generator().manual_seed(bits + 100 * signed)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen) * 1.5
+    x[0, 0, :3] = torch.tensor([0.9, -0.9, 0.0], dtype=torch.float64)  # exactly at ±β and 0
+    upstream = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen)
+    grads = []
+    for fn in (nested_quantize, autograd_reference):
+        xg = x.clone().requires_grad_()
+        beta = torch.tensor([[0.9]] * 3, dtype=torch.float64).view(3, 1, 1).requires_grad_()
+        gates = torch.tensor(gate_values_for_bits(bits, 0.3), dtype=torch.float64,
+                             requires_grad=True)
+        out = fn(xg, beta, signed, gates)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), xg.grad, beta.grad, gates.grad))
+    for got, want, what in zip(grads[0], grads[1], ('x_q', 'd/dx', 'd/dbeta', 'd/dgates')):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=what)
+    assert grads[0][2].abs().sum() > 0 and grads[0][1].abs().sum() > 0
+
+
 def test_layers_registered_state_keys_and_train_eval_identical():
     conv = build_conv_layer(dict(type='CGMQConv2d', bits_w=4, bits_a=8), 8, 6, 3, padding=1)
     assert isinstance(conv, CGMQConv2d) and isinstance(conv, nn.Conv2d)
