@@ -1,8 +1,11 @@
 """Small helpers shared by tools and modules."""
+import hashlib
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Iterable, List, Tuple
 
+import torch
+from mmengine.dist import all_reduce, get_world_size
 from mmengine.registry import OPTIM_WRAPPERS
 
 
@@ -89,7 +92,29 @@ def init_cpu_dist(launcher: str) -> None:
     mmengine 0.10.7's launcher calls ``torch.cuda.set_device`` unconditionally, which fails on
     CPU-only torch builds; the runner skips its own initialisation when a group already exists.
     """
-    import torch
     import torch.distributed as dist
     if launcher == 'pytorch' and not torch.cuda.is_available() and not dist.is_initialized():
         dist.init_process_group(backend='gloo')
+
+
+def differing_across_ranks(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
+    """Names of the tensors whose bytes are not identical on every rank (``[]`` without DDP).
+
+    Each rank hashes every tensor (dtype, shape and raw bytes) to a 64-bit digest and two
+    all-reduces (min, max) of the digests compare them: exact, one collective pair per call, and
+    the culprits are named. Every rank must pass the same names in the same order.
+    """
+    named = list(named_tensors)
+    if get_world_size() == 1 or not named:
+        return []
+    digests = []
+    for name, tensor in named:
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        h = hashlib.blake2b(f'{name}|{data.dtype}|{tuple(tensor.shape)}'.encode(), digest_size=8)
+        h.update(data.view(torch.uint8).numpy().tobytes())
+        digests.append(int.from_bytes(h.digest(), 'little', signed=True))
+    low = torch.tensor(digests, dtype=torch.int64)
+    high = low.clone()
+    all_reduce(low, op='min')
+    all_reduce(high, op='max')
+    return [name for (name, _), lo, hi in zip(named, low.tolist(), high.tolist()) if lo != hi]

@@ -14,3 +14,5 @@ custom_hooks = [
     dict(type='SequentialAttentionHook', sparsity=sparsity, warmup=1, sparsify=2, sparse=1, dense=1,
          cycles=2, c=4.0, by_epoch=True, interval=50)
 ]
+# SA++ logits receive no gradient in SPARSE phases: DDP must allow unused parameters
+find_unused_parameters = True

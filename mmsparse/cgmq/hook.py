@@ -1,16 +1,21 @@
 """CGMQHook: MACs tracing and budget check, range calibration, BOPs logging, the budget guarantee."""
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Subset
 from mmengine.dist import all_reduce, get_dist_info
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
+from torch.utils.data import DataLoader, Subset
 
+from ..utils import differing_across_ranks
 from .bops import (bit_histogram, check_budget_args, cgmq_layers, format_bops_report,
                    full_precision_bops, resolve_budget, total_bops, trace_macs, unwrap)
 from .layers import CGMQMixin
 from .quantizer import GATED_BITS
+
+# per-layer state that must be identical on every rank under DDP
+_RANK_STATE = ('weight_gate', 'act_gate', 'weight_range', 'act_range', 'act_signed', 'calibrated')
 
 
 def greedy_reduction(layers: Sequence[Tuple[str, CGMQMixin]], budget: int) -> List[dict]:
@@ -61,8 +66,9 @@ class CGMQHook(Hook):
       for RoI heads, see :mod:`mmsparse.cgmq.bops`), resolves the budget and fails with a clear
       message if it is below the all-2-bit model — before any checkpoint is loaded or step taken.
     * ``before_train`` (after pretrained weights / resumed checkpoints are loaded): calibrates the
-      ranges of layers whose ``calibrated`` buffer is unset from ``calib_batches`` training batches
-      (float forward, statistics averaged over batches and ranks), binds the optimizer wrapper and
+      ranges of layers whose ``calibrated`` buffer is unset from ``calib_batches`` global training
+      batches (float forward; under DDP each rank sees its share of every global batch and the
+      statistics are reduced across ranks, see :meth:`calibrate`), binds the optimizer wrapper and
       gives it the budget. On resume the buffers come from the checkpoint and calibration is skipped.
     * ``after_train_iter``: logs BOPs, budget and bit histogram (``train/cgmq_*`` scalars); after the
       last iteration, before the last checkpoint and validation, it enforces the budget: if BOPs are
@@ -72,6 +78,9 @@ class CGMQHook(Hook):
       (CGGD is in its feasibility phase) and is flagged with a warning.
     * ``after_train``: verifies the final model once more.
 
+    Under DDP, after calibration and at every log interval, the gates, ranges and range flags of all
+    ranks are compared bit-for-bit and a difference raises an error naming the tensors.
+
     Args:
         budget_relative (float, optional): Budget as a share of the 32/32-bit BOPs of the CGMQ
             layers, e.g. ``(4 * 4) / (32 * 32)``. Defaults to None.
@@ -79,7 +88,7 @@ class CGMQHook(Hook):
             Defaults to None.
         input_shape (tuple): ``(C, H, W)`` at which MACs are counted. Defaults to (3, 800, 1333).
         num_rois (int): RoIs for the RoI heads of two-stage detectors. Defaults to 512.
-        calib_batches (int): Training batches for range calibration. Defaults to 4.
+        calib_batches (int): Global training batches for range calibration. Defaults to 4.
         interval (int): Log every ``interval`` iterations. Defaults to 50.
     """
 
@@ -130,52 +139,85 @@ class CGMQHook(Hook):
                            f'{self.budget / 1e9:.4f} GBOPs = {self.budget / self.full:.6f} of 32/32')
 
     def _calib_batches(self, runner):
-        """The first ``calib_batches`` batches of the training set, in order, in this process.
+        """This rank's share of the first ``calib_batches`` global batches, in dataset order.
 
-        A separate single-process loader: iterating the runner's (persistent-worker, infinite)
-        loader would reset the training loop's iterator, and would consume training samples and
-        random state.
+        Global batch ``b`` holds samples ``[b·B·W, (b+1)·B·W)`` (``B`` the per-rank batch size,
+        ``W`` the world size) and rank ``r`` takes the ``r``-th ``B`` of them, so ``W`` processes
+        together see exactly the batches one process with batch size ``B·W`` sees. A separate
+        single-process loader: iterating the runner's (persistent-worker, infinite) loader would
+        reset the training loop's iterator, and would consume training samples and random state.
         """
         loader = runner.train_dataloader
         batch_size = loader.batch_size or getattr(loader.batch_sampler, 'batch_size', 1)
         dataset = loader.dataset
         rank, world = get_dist_info()
-        start = rank * batch_size * self.calib_batches
-        indices = [i % len(dataset) for i in range(start, start + batch_size * self.calib_batches)]
+        indices = [((b * world + rank) * batch_size + i) % len(dataset)
+                   for b in range(self.calib_batches) for i in range(batch_size)]
         calib = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                            num_workers=0, collate_fn=loader.collate_fn)
         return iter(calib)
 
     @torch.no_grad()
     def calibrate(self, runner) -> int:
-        """Initialise ranges of uncalibrated layers from training batches; return how many layers."""
+        """Initialise ranges of uncalibrated layers from training batches; return how many layers.
+
+        Per layer and global batch the statistics are the input's max |x| and min x; ranks reduce
+        them with max / min, so every rank gets the same ranges and, for a layer called once per
+        forward, the same ones as a single process with the whole global batch. The activation
+        range is the mean over batches of max |x|; the sign comes from the overall minimum.
+
+        Note:
+            A layer called several times per forward (a head shared by FPN levels) reports the mean
+            over its calls of each call's max |x|; across ranks the max of those means is taken,
+            which can be slightly below the single-process value with the same global batch.
+        """
         layers = [(n, l) for n, l in self._layers(runner) if not bool(l.calibrated)]
         if not layers:
             return 0
         model = unwrap(runner.model)
         modes = {m: m.training for m in model.modules()}
-        for _, layer in layers:
-            layer.start_observing()
+        # -inf / +inf where this rank's forward did not reach a layer: neutral for max / min
+        max_abs = torch.full((len(layers), self.calib_batches), -math.inf, dtype=torch.float64)
+        minimum = torch.full_like(max_abs, math.inf)
         model.eval()
         try:
-            for batch in self._calib_batches(runner):
-                data = model.data_preprocessor(batch, False)
-                model(**data, mode='tensor')
+            for b, batch in enumerate(self._calib_batches(runner)):
+                for _, layer in layers:
+                    layer.start_observing()
+                try:
+                    data = model.data_preprocessor(batch, False)
+                    model(**data, mode='tensor')
+                finally:
+                    stats = [layer.stop_observing() for _, layer in layers]
+                for i, stat in enumerate(stats):
+                    if stat is not None:
+                        max_abs[i, b], minimum[i, b] = stat['max_abs'], stat['min']
         finally:
-            stats = [layer.stop_observing() for _, layer in layers]
             for m, mode in modes.items():
                 m.training = mode
-        for (name, layer), stat in zip(layers, stats):
-            if stat is None:
-                # not reached by the data (e.g. a branch unused here): weights only, act range 1
+        all_reduce(max_abs, op='max')
+        all_reduce(minimum, op='min')
+        for (name, layer), layer_max, layer_min in zip(layers, max_abs, minimum):
+            reached = torch.isfinite(layer_max)
+            if not reached.any():
+                # not reached by the data on any rank (e.g. a branch unused here): weights only,
+                # act range 1
                 layer.set_ranges(None, None)
                 continue
-            max_abs = stat['max_abs'].reshape(1).clone()
-            minimum = stat['min'].reshape(1).clone()
-            all_reduce(max_abs, op='mean')
-            all_reduce(minimum, op='min')
-            layer.set_ranges(max_abs, minimum)
+            layer.set_ranges(layer_max[reached].mean().float().view(1),
+                             layer_min[reached].min().float().view(1))
         return len(layers)
+
+    def _check_ranks(self, runner, when: str) -> None:
+        """Under DDP, fail loudly if the ranks' gates, ranges or range flags differ."""
+        named = [(f'{name}.{key}', getattr(layer, key)) for name, layer in self._layers(runner)
+                 for key in _RANK_STATE]
+        differ = differing_across_ranks(named)
+        if differ:
+            raise RuntimeError(
+                f'CGMQ: quantization state differs across ranks {when}: {len(differ)} tensors, '
+                f'e.g. {differ[:5]}; every rank must hold the same gates and ranges (same config and '
+                'checkpoint on every rank, data-dependent initialisation reduced across ranks)')
 
     def before_train(self, runner) -> None:
         """Calibrate (fresh start only), bind the optimizer wrapper, log the starting point."""
@@ -190,6 +232,7 @@ class CGMQHook(Hook):
                 for _, layer in self._layers(runner):
                     if not bool(layer.calibrated):
                         layer.set_ranges(None, None)
+        self._check_ranks(runner, 'after calibration / loading')
         optim_wrapper = runner.optim_wrapper
         if hasattr(optim_wrapper, 'set_budget'):
             optim_wrapper.bind_model(unwrap(runner.model))
@@ -211,6 +254,7 @@ class CGMQHook(Hook):
             self.enforce_budget(runner)
             bops = self._bops(runner)
         if last or self.every_n_train_iters(runner, self.interval):
+            self._check_ranks(runner, f'at iteration {runner.iter + 1}')
             hub = runner.message_hub
             hub.update_scalar('train/cgmq_bops_rel', bops / self.full)
             hub.update_scalar('train/cgmq_gbops', bops / 1e9)
@@ -240,13 +284,16 @@ class CGMQHook(Hook):
             return
         bops = self._bops(runner)
         within = bops <= self.budget
-        checkpoint.setdefault('meta', {})['cgmq'] = dict(
+        meta = checkpoint.setdefault('meta', {})
+        meta['cgmq'] = dict(
             bops=int(bops), budget=int(self.budget), full_bops=int(self.full),
             relative_bops=float(bops / self.full), within_budget=bool(within),
             bits={name: [int(l.bits_w), int(l.bits_a)] for name, l in self._layers(runner)})
         if not within:
-            runner.logger.warning(f'CGMQHook: checkpoint at iter {runner.iter} is over budget '
-                                  f'(training not finished): {self._status(runner)}')
+            # meta['iter'] counts the iterations done (runner.iter lags by one inside the loop)
+            done = meta.get('iter', runner.iter)
+            runner.logger.warning(f'CGMQHook: checkpoint at iter {done} is over budget (training '
+                                  f'not finished): {self._status(runner)}')
 
     def after_train(self, runner) -> None:
         """Final verification of the guarantee."""

@@ -2,13 +2,13 @@
 from typing import List, Tuple
 
 import torch
-from mmengine.dist import all_reduce, get_world_size
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch import nn
 
 from ..core.report import format_report, model_report, overall_sparsity
+from ..utils import differing_across_ranks
 from .layers import NMSparseMixin
 from .schedule import preserve_rate, validate_schedule
 
@@ -132,18 +132,11 @@ class MaxQHook(Hook):
 
     def _check_ranks(self, runner) -> None:
         """Under DDP, fail loudly if the ranks' masks differ (they are pure functions of the weights)."""
-        if get_world_size() == 1:
-            return
-        checksum = torch.zeros(2, dtype=torch.float64)
-        for idx, (_, layer) in enumerate(self.sparse_layers(runner), 1):
-            total = layer.mask.double().sum().cpu()
-            checksum += torch.stack([total, total * idx])
-        low, high = checksum.clone(), checksum.clone()
-        all_reduce(low, op='min')
-        all_reduce(high, op='max')
-        if not torch.equal(low, high):
-            raise RuntimeError(f'MaxQHook: N:M masks differ across ranks at iteration {runner.iter} '
-                               f'(checksums {low.tolist()} vs {high.tolist()})')
+        differ = differing_across_ranks(
+            (f'{name}.mask', layer.mask) for name, layer in self.sparse_layers(runner))
+        if differ:
+            raise RuntimeError(f'MaxQHook: N:M masks differ across ranks at iteration {runner.iter}: '
+                               f'{len(differ)} layers, e.g. {differ[:5]}')
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Check that mask buffers were really loaded (MMEngine loads non-strictly)."""

@@ -7,8 +7,10 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..core.report import format_report, model_report
+from ..utils import differing_across_ranks
 from .layers import BlockSparseMixin
 from .schedule import PHASE_CODES, Phase, PhaseSchedule, cyclic_phases, parse_phases
 
@@ -65,6 +67,13 @@ class SequentialAttentionHook(Hook):
         target reached), ``train/sapp_block_sparsity`` (pruned share of all blocks of block-sparse
         layers) and ``train/sapp_attn_entropy`` (mean over SA++ layers of the attention entropy over
         surviving blocks, normalised to [0, 1]).
+
+    Note:
+        Under DDP every rank computes the same supports from the same (all-reduced) weights and
+        logits; at each log interval the hook compares the supports and logits of all ranks
+        bit-for-bit and raises if they differ. SA++ needs DDP's ``find_unused_parameters=True``
+        (logits get no gradient in SPARSE phases, which plain DDP rejects at the next step); this
+        is checked in ``before_train``.
     """
 
     priority = 'NORMAL'
@@ -152,6 +161,34 @@ class SequentialAttentionHook(Hook):
                     touched += 1
         return touched
 
+    def _method(self, runner) -> str:
+        """The method name for messages: SA++ when any layer selects by attention."""
+        layers = [layer for _, layer in self.block_layers(runner)]
+        return 'SA++' if any(layer.uses_attention for layer in layers) else 'ACDC/one-shot block'
+
+    def _check_ddp(self, runner) -> None:
+        """SA++ logits get no gradient in SPARSE phases; plain DDP then fails at the next step."""
+        model = runner.model
+        if (isinstance(model, DistributedDataParallel) and not model.find_unused_parameters
+                and any(layer.uses_attention for _, layer in self.block_layers(runner))):
+            raise ValueError(
+                'SequentialAttentionHook: SA++ block logits are frozen (receive no gradient) in '
+                'SPARSE phases, which DistributedDataParallel only allows with unused-parameter '
+                'detection: set find_unused_parameters = True in the config (inside '
+                'model_wrapper_cfg when the config has one), or pass --cfg-options '
+                'model_wrapper_cfg.find_unused_parameters=True')
+
+    def _check_ranks(self, runner, when: str) -> None:
+        """Under DDP, fail loudly if the ranks' supports or block logits differ."""
+        named = [(f'{name}.{key}', getattr(layer, key)) for name, layer in self.block_layers(runner)
+                 for key in ('support', 'block_logits') if getattr(layer, key) is not None]
+        differ = differing_across_ranks(named)
+        if differ:
+            raise RuntimeError(
+                f'{self._method(runner)}: block supports/logits differ across ranks {when}: '
+                f'{len(differ)} tensors, e.g. {differ[:5]}; every rank must hold the same support '
+                '(same config and checkpoint on every rank)')
+
     # -- the phase machine ------------------------------------------------------------------------
     def apply(self, runner, t: int) -> Phase:
         """Set every layer's support, weights and logit freezing for iteration ``t``."""
@@ -203,11 +240,13 @@ class SequentialAttentionHook(Hook):
             raise ValueError(f'the final sparse phase begins at iteration {final} but training '
                              f'ends at {runner.max_iters}: the model would not end sparse; shorten '
                              'the phases or train longer')
+        self._check_ddp(runner)
         frozen = self.frozen_layers(runner)
         if frozen:
             runner.logger.warning(f'SequentialAttentionHook: {len(frozen)} frozen block-sparse layers '
                                   f'stay unpruned (requires_grad=False): {frozen}')
         phase = self.apply(runner, runner.iter)
+        self._check_ranks(runner, f'at the start (iteration {runner.iter})')
         unit = 'epochs' if self.by_epoch else 'iterations'
         runner.logger.info(
             'SequentialAttentionHook: phases (' + unit + '): ' +
@@ -222,6 +261,7 @@ class SequentialAttentionHook(Hook):
         self.apply(runner, nxt)
         last = nxt >= runner.max_iters
         if last or self.every_n_train_iters(runner, self.interval):
+            self._check_ranks(runner, f'at iteration {nxt}')
             self.log(runner, nxt)
         if last:
             layers = self.block_layers(runner)

@@ -27,3 +27,5 @@ custom_hooks = [
          dense=50, cycles=2, c=4.0, interval=25)
 ]
 default_hooks = dict(checkpoint=dict(by_epoch=False, interval=200, max_keep_ckpts=2))
+# SA++ logits receive no gradient in SPARSE phases: DDP must allow unused parameters
+model_wrapper_cfg = dict(find_unused_parameters=True)
