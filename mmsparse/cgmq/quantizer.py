@@ -101,6 +101,13 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
+def _dot_to(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
+    """``Σ a·b`` reduced to ``shape`` (``b`` broadcast to ``a``; integer codes are converted)."""
+    if len(shape) == 0 or shape.numel() == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1).to(a.dtype)).reshape(shape)
+    return _sum_to(a * b, shape)
+
+
 class _NestedQuantize(torch.autograd.Function):
     """Fused nested fake-quantization, with the straight-through gradients in closed form.
 
@@ -137,24 +144,24 @@ class _NestedQuantize(torch.autograd.Function):
         x, beta, gates, x_q, *codes = ctx.saved_tensors
         signed, n_on = ctx.signed, ctx.n_on
         x_c = _clip(x, beta, signed)
-        inside = x_c == x
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_in = grad * (x_c == x)  # the gradient reaching x: inside [α, β], bounds included
         grad_beta = grad_gates = None
         if ctx.needs_input_grad[1]:
             # inside: (x_q − x) / β; outside: (x_q − x_c) / β ± 1 = x_q / β
-            grad_beta = _sum_to(grad * (x_q - x_c * inside) / beta, beta.shape)
+            grad_beta = (_dot_to(grad, x_q, beta.shape) - _dot_to(grad_in, x, beta.shape)) / beta
         if ctx.needs_input_grad[2]:
             s = scales(2.0 * beta if signed else beta)
             # Σ grad · ε_l per level, ε_l = s_l · code_l (s_l per tensor or per channel)
-            per_level = [(_sum_to(grad * code, beta.shape) * s[level]).sum()
+            per_level = [(_dot_to(grad, code, beta.shape) * s[level]).sum()
                          for level, code in enumerate(codes, start=1)]
             if n_on < len(GATED_BITS):  # the first switched-off level, residual of x_q
                 off = _code(x_c.sub_(x_q), s[n_on + 1], n_on + 1, signed)
-                per_level.append((_sum_to(grad * off, beta.shape) * s[n_on + 1]).sum())
+                per_level.append((_dot_to(grad, off, beta.shape) * s[n_on + 1]).sum())
             grad_gates = torch.zeros_like(gates)
             for level in range(len(per_level), 0, -1):  # z_{l+1} = 0 after the last on level
                 grad_gates[level - 1] = per_level[level - 1] + (
                     grad_gates[level] if level < n_on else 0)
+        grad_x = grad_in if ctx.needs_input_grad[0] else None
         return grad_x, grad_beta, grad_gates, None, None
 
 
