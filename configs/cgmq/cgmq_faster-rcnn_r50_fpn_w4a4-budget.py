@@ -5,21 +5,11 @@ _base_ = [
     '../_base_/datasets/coco_detection.py',
     'mmdet::_base_/schedules/schedule_1x.py',
     '../_base_/default_runtime.py',
+    './_base_/cgmq_converter.py',
 ]
 
-quant = dict(bits_w=8, bits_a=8)
-model = dict(
-    _delete_=True,
-    type='ConvertedModel',
-    model={{_base_.model}},
-    rules=[
-        dict(include=r'.*', layer=dict(type='CGMQConv2d', **quant)),
-        dict(include=r'.*', layer=dict(type='CGMQLinear', **quant)),
-    ])
-optim_wrapper = dict(
-    type='CGMQOptimWrapper',
-    R=2.0,
-    paramwise_cfg=dict(custom_keys={'_gate': dict(decay_mult=0.0), '_range': dict(decay_mult=0.0)}))
+model = dict(_delete_=True, type='ConvertedModel', model=_base_.model, rules=_base_.cgmq.rules)
+optim_wrapper = _base_.cgmq.optim_wrapper
 custom_hooks = [
     dict(type='CGMQHook', budget_relative=(4 * 4) / (32 * 32), input_shape=(3, 800, 1333),
          num_rois=512, calib_batches=8, interval=50)

@@ -4,7 +4,8 @@ Every compressed layer implements the protocol of :mod:`mmsparse.maxq.layers` (a
 it subclasses ``nn.Conv2d`` / ``nn.Linear`` and provides ``fold_info() -> dict(method=..., pattern=...,
 [reason=...])`` and ``folded_weight() -> Tensor``. Folding keeps, for each such layer, only ``weight``
 (its folded weight, exact zeros) and ``bias``; every other parameter or buffer under the layer (mask,
-gates, ranges, logits, support, quantizer sub-modules ...) is dropped. Nothing here is method-specific.
+gates, ranges, logits, support, quantizer sub-modules ...) is dropped. Nothing here is method-specific
+except the quantization grid of CGMQ layers (below).
 
 Folded checkpoint layout (plain Python types and tensors only, so stock mmengine loads it with torch's
 ``weights_only=True``)::
@@ -14,11 +15,17 @@ Folded checkpoint layout (plain Python types and tensors only, so stock mmengine
               'mmsparse_fold': {'format': 1, 'mmsparse_version': '0.1.0',
                                 'source_checkpoint': 'epoch_12.pth', 'source_sha256': '…',
                                 'layers': {<layer>: {'method': 'maxq', 'pattern': '1:16'}, ...}}}}
+
+A quantized layer (CGMQ, pattern ``'w<bits_w>a<bits_a>'``) also records its quantization grid in
+its ``layers`` entry (:func:`quant_grid_info`): ``weight_scale`` (per output channel), ``act_scale``
+and ``act_signed``, so the folded weights can be checked to lie on their ``bits_w``-bit grid
+(:func:`quant_grid_violations`) and the input quantization can be rebuilt outside mmsparse.
 """
 import copy
 import hashlib
 import inspect
 import os.path as osp
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -27,6 +34,8 @@ from mmengine.config import Config
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch import Tensor, nn
 
+from ..cgmq.layers import CGMQMixin
+from ..cgmq.quantizer import BIT_WIDTHS, scales
 from ..core.report import LayerStat, Violation, format_report, verify_state_dict
 from ..utils import atomic_write
 from ..version import __version__
@@ -43,7 +52,9 @@ class PatternViolationError(ValueError):
         self.violations = violations
         lines = '\n  '.join(str(v) for v in violations[:20])
         more = f'\n  ... and {len(violations) - 20} more' if len(violations) > 20 else ''
-        super().__init__(f'{len(violations)} block(s) break their declared pattern:\n  {lines}{more}')
+        what = ('block(s)' if all(not isinstance(v, GridViolation) for v in violations)
+                else 'block(s) / quantized layer(s)')
+        super().__init__(f'{len(violations)} {what} break their declared pattern:\n  {lines}{more}')
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -72,12 +83,15 @@ def _plain(obj: Any) -> bool:
 
 
 def fold_layers_info(model: nn.Module) -> Dict[str, dict]:
-    """``{layer: fold_info()}`` for every compressed layer, checked to be plain Python types."""
+    """``{layer: fold_info()}`` for every compressed layer (quantized layers: plus
+    :func:`quant_grid_info`), checked to be plain Python types."""
     info = {}
     for name, module in compressed_layers(model).items():
         entry = dict(module.fold_info())
         if 'method' not in entry or 'pattern' not in entry:
             raise ValueError(f'{name}: fold_info() must give method and pattern, got {entry}')
+        if isinstance(module, CGMQMixin):
+            entry.update(quant_grid_info(module))
         if not _plain(entry):
             raise TypeError(f'{name}: fold_info() must hold plain Python values, got {entry}')
         info[name] = entry
@@ -120,10 +134,94 @@ def declared_patterns(layers: Mapping[str, dict]) -> Dict[str, str]:
 
 
 def verify_folded(state_dict: Mapping[str, Tensor], patterns: Mapping[str, str]) -> None:
-    """Raise :class:`PatternViolationError` if any layer breaks its declared pattern."""
+    """Raise :class:`PatternViolationError` if any layer breaks its declared (sparsity) pattern."""
     violations = verify_state_dict(state_dict, dict(patterns))
     if violations:
         raise PatternViolationError(violations)
+
+
+# ------------------------------------------------------------------ quantization grids (CGMQ) ---
+
+_QUANT_PATTERN = re.compile(r'w(\d+)a(\d+)')
+_GRID_CHECK_MAX_BITS = 16  # 32-bit codes exceed float32's 24-bit significand: no grid to check
+
+
+@dataclass
+class GridViolation:
+    """A quantized layer whose folded weights are not on its declared ``bits``-bit grid."""
+
+    layer: str
+    bits: int
+    off_grid: int        # weights with |w / scale - round(w / scale)| above the tolerance
+    max_offset: float    # the largest such distance, in units of the scale
+    out_of_range: int    # codes outside [-(2^(bits-1) - 1), 2^(bits-1) - 1]
+
+    def __str__(self) -> str:
+        return (f'{self.layer}: {self.off_grid} weight(s) off the {self.bits}-bit grid (up to '
+                f'{self.max_offset:.3g} of a step), {self.out_of_range} code(s) out of range')
+
+
+def quant_grid_info(module: CGMQMixin) -> dict:
+    """The quantization grid of a CGMQ layer at its current bit widths, as plain Python values.
+
+    ``weight_scale``: the step of the ``bits_w``-bit weight grid per output channel (one value
+    for a per-tensor range), so that ``weight / weight_scale`` are integer codes; ``act_scale``: the
+    step of the input-activation grid (None when inputs are not quantized); ``act_signed``: whether
+    the input range is ``[-β, β]`` (else ``[0, β]``).
+    """
+    with torch.no_grad():
+        beta_w = module._weight_beta().flatten()
+        weight_scale = scales(2.0 * beta_w)[BIT_WIDTHS.index(module.bits_w)]
+        act_scale = None
+        if module.quant_act:
+            signed = bool(module.act_signed)
+            beta_a = module._act_beta()
+            act_scale = float(scales(2.0 * beta_a if signed else beta_a)[
+                BIT_WIDTHS.index(module.bits_a)])
+    return dict(weight_scale=[float(v) for v in weight_scale.cpu()], act_scale=act_scale,
+                act_signed=bool(module.act_signed))
+
+
+def quant_grid_violations(state_dict: Mapping[str, Tensor],
+                          layers: Mapping[str, dict]) -> List[GridViolation]:
+    """Check that every quantized layer's weights lie on their declared grid.
+
+    A layer declared ``'w<b>a<b_a>'`` must hold ``weight = code · weight_scale`` (per output
+    channel) with integer codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``. The tolerance on
+    integrality, ``1e-3 + 2^-20 · code_max`` of a step, covers float32 rounding of the quantized
+    values (measured: 2e-5 at 8 bits, 9e-3 at 16 bits) and is far below the up to 0.5 of an
+    unquantized weight. 32-bit layers are not checked (their codes do not fit float32).
+
+    Raises:
+        ValueError: a quantized layer has no ``weight_scale`` (meta written before it existed, or a
+            hand-written pattern): its grid cannot be checked.
+        KeyError: a declared layer has no weight in the state dict.
+    """
+    violations = []
+    for name, entry in layers.items():
+        match = _QUANT_PATTERN.fullmatch(str(entry.get('pattern', '')))
+        if match is None:
+            continue
+        bits = int(match.group(1))
+        if bits > _GRID_CHECK_MAX_BITS:
+            continue
+        if 'weight_scale' not in entry:
+            raise ValueError(f'{name}: pattern {entry["pattern"]!r} needs weight_scale in the fold '
+                             f'meta to be verified')
+        key = f'{name}.weight'
+        if key not in state_dict:
+            raise KeyError(f'pattern declared for {name!r} but {key!r} is not in the checkpoint')
+        weight = state_dict[key].detach().double()
+        scale = torch.tensor(entry['weight_scale'], dtype=torch.float64)
+        codes = weight / scale.view(-1, *([1] * (weight.dim() - 1)))
+        offset = (codes - codes.round()).abs()
+        code_max = 2 ** (bits - 1) - 1
+        off = offset > 1e-3 + 2.0 ** -20 * code_max
+        out = codes.round().abs() > code_max
+        if off.any() or out.any():
+            violations.append(GridViolation(name, bits, int(off.sum()), float(offset.max()),
+                                            int(out.sum())))
+    return violations
 
 
 def state_dict_report(state_dict: Mapping[str, Tensor], layers: Mapping[str, dict]) -> List[LayerStat]:
@@ -223,14 +321,24 @@ def plain_config(cfg: Config) -> Config:
     * ``custom_hooks`` and ``default_hooks`` entries of mmsparse types are removed;
     * an mmsparse optimizer wrapper becomes ``OptimWrapper`` (``AmpOptimWrapper`` for AMP variants)
       with its method-specific arguments dropped;
-    * ``mmsparse`` is removed from ``custom_imports``; ``load_from`` is cleared, ``resume`` off.
+    * ``mmsparse`` is removed from ``custom_imports``; ``load_from`` is cleared, ``resume`` off;
+    * config helpers that hold mmsparse types (top-level keys that are no argument of mmengine's
+      ``Runner``, e.g. ``cgmq`` of ``configs/cgmq/_base_/cgmq_converter.py``, whose values the
+      config has already copied where they are used) are removed.
 
     Raises:
         ValueError: an mmsparse type is left anywhere else (named with its config path), because
             stock mmdet could not build it.
     """
+    from mmengine.runner import Runner
     names = mmsparse_type_names()
     data = copy.deepcopy(cfg.to_dict())
+    runner_keys = set(inspect.signature(Runner.__init__).parameters)
+    for key in [k for k in data if k not in runner_keys]:
+        helper: List[str] = []
+        _find_mmsparse(data[key], names, key, helper)
+        if helper:
+            data.pop(key)
     data['model'] = _strip_model(data['model'], names, 'model')
     data['custom_hooks'] = [h for h in data.get('custom_hooks', []) or []
                             if not _is_mmsparse_type(h.get('type'), names)]
@@ -311,6 +419,9 @@ def fold_model(model: nn.Module, source_meta: Optional[dict] = None, source_sha2
     """Fold ``model`` into a verified plain checkpoint dict (see module docstring)."""
     state, layers = fold_state_dict(model)
     verify_folded(state, declared_patterns(layers))
+    grid = quant_grid_violations(state, layers)
+    if grid:
+        raise PatternViolationError(grid)
     meta: Dict[str, Any] = {}
     if source_meta:
         for key in ('dataset_meta', 'mmdet_version', 'mmengine_version', 'experiment_name'):
@@ -366,17 +477,21 @@ def load_plain_checkpoint(path: str) -> dict:
 
 
 def verify_checkpoint(path: str, patterns: Optional[Mapping[str, str]] = None
-                      ) -> Tuple[List[Violation], List[LayerStat]]:
+                      ) -> Tuple[List[Union[Violation, GridViolation]], List[LayerStat]]:
     """Check a checkpoint against ``{layer: pattern}`` (default: the patterns in its fold meta).
 
     Checkpoints still carrying masks are checked on their stored ``weight`` tensors, i.e. as if they
     were folded: verify the output of :func:`fold_checkpoint`, or give explicit patterns.
 
+    Quantized layers (``'w4a8'``-style patterns) are checked against the grid recorded in the
+    fold meta (:func:`quant_grid_violations`).
+
     Returns:
         tuple: ``(violations, report rows)``.
 
     Raises:
-        ValueError: no patterns given and the checkpoint has no mmsparse fold meta.
+        ValueError: no patterns given and the checkpoint has no mmsparse fold meta, or a quantized
+            layer's pattern comes without its ``weight_scale``.
     """
     checkpoint = CheckpointLoader.load_checkpoint(path, map_location='cpu')
     state = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, dict) else checkpoint
@@ -388,12 +503,14 @@ def verify_checkpoint(path: str, patterns: Optional[Mapping[str, str]] = None
     else:
         layers = {name: dict(pattern=p) for name, p in patterns.items()}
     violations = verify_state_dict(state, declared_patterns(layers))
+    violations += quant_grid_violations(state, layers)
     return violations, state_dict_report(state, layers)
 
 
 __all__ = [
-    'FOLD_META_KEY', 'FoldResult', 'PatternViolationError', 'build_model', 'compressed_layers',
-    'declared_patterns', 'fold_checkpoint', 'fold_layers_info', 'fold_model', 'fold_state_dict',
-    'format_report', 'load_plain_checkpoint', 'load_source_checkpoint', 'mmsparse_type_names',
-    'plain_config', 'sha256_file', 'state_dict_report', 'verify_checkpoint', 'verify_folded'
+    'FOLD_META_KEY', 'FoldResult', 'GridViolation', 'PatternViolationError', 'build_model',
+    'compressed_layers', 'declared_patterns', 'fold_checkpoint', 'fold_layers_info', 'fold_model',
+    'fold_state_dict', 'format_report', 'load_plain_checkpoint', 'load_source_checkpoint',
+    'mmsparse_type_names', 'plain_config', 'quant_grid_info', 'quant_grid_violations',
+    'sha256_file', 'state_dict_report', 'verify_checkpoint', 'verify_folded'
 ]
