@@ -1,4 +1,4 @@
-"""kill -9 and ``--resume`` for CGMQ and SA++ through tools/train.py, and a SIGKILL while
+"""kill -9 and ``--resume`` for every method through tools/train.py, and a SIGKILL while
 tools/fold.py writes its output.
 
 The uninterrupted reference run and the run to be killed train side by side (one thread each).
@@ -20,10 +20,18 @@ from mmsparse.compat import safe_load_from_local
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+# MaxQ family: preserve rate ramps over [0, 4), masks for t+1 after every step, p = 0 at the end.
 # CGMQ: calibration on a fresh start only, gates/ranges trained, greedy fix after the last step.
 # SA++: dense [0,1) sparsify [1,3) sparse [3,4) dense [4,5) sparsify [5,7) final sparse [7,8);
 # killed after the checkpoint of step 2 (or later), the resumed run crosses every phase boundary.
+NM_HOOK = dict(type='MaxQHook', schedule='linear', start=0, end=4, interval=1)
 RUNS = {
+    'maxq': ('configs/demo/maxq_mask-rcnn_r18_1-16_demo.py', NM_HOOK, 6),
+    'srste': ('configs/demo/srste_mask-rcnn_r18_1-16_demo.py', NM_HOOK, 6),
+    'oneshot': ('configs/demo/oneshot_mask-rcnn_r18_1-16_demo.py', NM_HOOK, 6),
+    'acdc': ('configs/sapp/demo/acdc_mask-rcnn_r18_fpn_b16-70_demo.py',
+             dict(type='SequentialAttentionHook', sparsity=0.7, warmup=1, sparse=2, dense=1,
+                  cycles=2, interval=1), 8),
     'cgmq': ('configs/cgmq/cgmq_mask-rcnn_r18_fpn_demo_w4a4-budget.py',
              dict(type='CGMQHook', budget_relative=16 / 1024, input_shape=(3, 96, 96), num_rois=16,
                   calib_batches=2, interval=1), 4),
@@ -72,6 +80,14 @@ def assert_same_final(root: Path, iters: int) -> tuple:
     for key, value in a['state_dict'].items():
         torch.testing.assert_close(b['state_dict'][key], value, rtol=0, atol=0, msg=key)
     return a, b
+
+
+@pytest.mark.parametrize('method', ['maxq', 'srste', 'oneshot', 'acdc'])
+def test_kill_and_resume_equals_uninterrupted(method, tiny_coco, tmp_path):
+    root = kill_and_resume(method, tiny_coco, tmp_path)
+    a, _ = assert_same_final(root, RUNS[method][2])
+    masks = [v for k, v in a['state_dict'].items() if k.endswith(('.mask', '.support'))]
+    assert masks and any(bool((m == 0).any()) for m in masks)  # the sparse state was compared
 
 
 def test_cgmq_kill_and_resume_equals_uninterrupted(tiny_coco, tmp_path):
