@@ -134,10 +134,29 @@ class CGMQMixin:
         """The quantized weight values in float: what a plain ``nn.Conv2d`` / ``nn.Linear`` holds."""
         return nested_quantize(self.weight, self._weight_beta(), True, self.weight_gate)
 
+    @torch.no_grad()
+    def quant_grid(self) -> dict:
+        """The current quantization grids as plain Python values.
+
+        ``weight_scale``: the step of the ``bits_w``-bit weight grid per output channel (one value
+        for a per-tensor range), so ``weight / weight_scale`` are integer codes; ``act_scale``: the
+        step of the input grid (None when inputs are not quantized); ``act_signed``: whether the
+        input range is ``[−β, β]`` (else ``[0, β]``).
+        """
+        beta_w = self._weight_beta().flatten()
+        weight_scale = scales(2.0 * beta_w)[BIT_WIDTHS.index(self.bits_w)]
+        act_scale = None
+        if self.quant_act:
+            beta_a = self._act_beta()
+            span = 2.0 * beta_a if bool(self.act_signed) else beta_a
+            act_scale = float(scales(span)[BIT_WIDTHS.index(self.bits_a)])
+        return dict(weight_scale=[float(v) for v in weight_scale.cpu()], act_scale=act_scale,
+                    act_signed=bool(self.act_signed))
+
     def fold_info(self) -> dict:
-        """What export and the report record for this layer."""
+        """What export and the report record for this layer: bit widths and grids."""
         return dict(method='cgmq', pattern=f'w{self.bits_w}a{self.bits_a}', bits_w=self.bits_w,
-                    bits_a=self.bits_a)
+                    bits_a=self.bits_a, **self.quant_grid())
 
     # -- QDQ export (mmsparse.export.qdq) -------------------------------------------------------
     @torch.no_grad()

@@ -5,7 +5,7 @@ it subclasses ``nn.Conv2d`` / ``nn.Linear`` and provides ``fold_info() -> dict(m
 [reason=...])`` and ``folded_weight() -> Tensor``. Folding keeps, for each such layer, only ``weight``
 (its folded weight, exact zeros) and ``bias``; every other parameter or buffer under the layer (mask,
 gates, ranges, logits, support, quantizer sub-modules ...) is dropped. Nothing here is method-specific
-except the quantization grid of CGMQ layers (below).
+except the checks of the recorded patterns (below).
 
 Folded checkpoint layout (plain Python types and tensors only, so stock mmengine loads it with torch's
 ``weights_only=True``)::
@@ -17,7 +17,7 @@ Folded checkpoint layout (plain Python types and tensors only, so stock mmengine
                                 'layers': {<layer>: {'method': 'maxq', 'pattern': '1:16'}, ...}}}}
 
 A quantized layer (CGMQ, pattern ``'w<bits_w>a<bits_a>'``) also records its quantization grid in
-its ``layers`` entry (:func:`quant_grid_info`): ``weight_scale`` (per output channel), ``act_scale``
+its ``layers`` entry (the layer's ``fold_info``): ``weight_scale`` (per output channel), ``act_scale``
 and ``act_signed``, so the folded weights can be checked to lie on their ``bits_w``-bit grid
 (:func:`quant_grid_violations`) and the input quantization can be rebuilt outside mmsparse.
 """
@@ -34,8 +34,6 @@ from mmengine.config import Config
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch import Tensor, nn
 
-from ..cgmq.layers import CGMQMixin
-from ..cgmq.quantizer import BIT_WIDTHS, scales
 from ..core.report import LayerStat, Violation, format_report, verify_state_dict
 from ..utils import atomic_write
 from ..version import __version__
@@ -83,15 +81,12 @@ def _plain(obj: Any) -> bool:
 
 
 def fold_layers_info(model: nn.Module) -> Dict[str, dict]:
-    """``{layer: fold_info()}`` for every compressed layer (quantized layers: plus
-    :func:`quant_grid_info`), checked to be plain Python types."""
+    """``{layer: fold_info()}`` for every compressed layer, checked to be plain Python types."""
     info = {}
     for name, module in compressed_layers(model).items():
         entry = dict(module.fold_info())
         if 'method' not in entry or 'pattern' not in entry:
             raise ValueError(f'{name}: fold_info() must give method and pattern, got {entry}')
-        if isinstance(module, CGMQMixin):
-            entry.update(quant_grid_info(module))
         if not _plain(entry):
             raise TypeError(f'{name}: fold_info() must hold plain Python values, got {entry}')
         info[name] = entry
@@ -159,27 +154,6 @@ class GridViolation:
     def __str__(self) -> str:
         return (f'{self.layer}: {self.off_grid} weight(s) off the {self.bits}-bit grid (up to '
                 f'{self.max_offset:.3g} of a step), {self.out_of_range} code(s) out of range')
-
-
-def quant_grid_info(module: CGMQMixin) -> dict:
-    """The quantization grid of a CGMQ layer at its current bit widths, as plain Python values.
-
-    ``weight_scale``: the step of the ``bits_w``-bit weight grid per output channel (one value
-    for a per-tensor range), so that ``weight / weight_scale`` are integer codes; ``act_scale``: the
-    step of the input-activation grid (None when inputs are not quantized); ``act_signed``: whether
-    the input range is ``[-β, β]`` (else ``[0, β]``).
-    """
-    with torch.no_grad():
-        beta_w = module._weight_beta().flatten()
-        weight_scale = scales(2.0 * beta_w)[BIT_WIDTHS.index(module.bits_w)]
-        act_scale = None
-        if module.quant_act:
-            signed = bool(module.act_signed)
-            beta_a = module._act_beta()
-            act_scale = float(scales(2.0 * beta_a if signed else beta_a)[
-                BIT_WIDTHS.index(module.bits_a)])
-    return dict(weight_scale=[float(v) for v in weight_scale.cpu()], act_scale=act_scale,
-                act_signed=bool(module.act_signed))
 
 
 def quant_grid_violations(state_dict: Mapping[str, Tensor],
@@ -511,6 +485,6 @@ __all__ = [
     'FOLD_META_KEY', 'FoldResult', 'GridViolation', 'PatternViolationError', 'build_model',
     'compressed_layers', 'declared_patterns', 'fold_checkpoint', 'fold_layers_info', 'fold_model',
     'fold_state_dict', 'format_report', 'load_plain_checkpoint', 'load_source_checkpoint',
-    'mmsparse_type_names', 'plain_config', 'quant_grid_info', 'quant_grid_violations',
+    'mmsparse_type_names', 'plain_config', 'quant_grid_violations',
     'sha256_file', 'state_dict_report', 'verify_checkpoint', 'verify_folded'
 ]

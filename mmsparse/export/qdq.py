@@ -37,7 +37,7 @@ from mmengine.utils import mkdir_or_exist
 from torch import nn
 
 from ..cgmq.bops import cgmq_layers, unwrap
-from .fold import build_model, load_source_checkpoint, plain_config, quant_grid_info
+from .fold import build_model, load_source_checkpoint, plain_config
 from .onnx import ExportResult, default_deploy_config, deploy_config_path, mmdeploy_compat
 
 META_KEY = 'mmsparse_cgmq_bits'
@@ -370,7 +370,7 @@ def qdq_parity(onnx_file: str, model: nn.Module,
             if t.kind == 'weight' and i > 0:
                 continue  # constant
             layer = layers[t.layer]
-            grid = quant_grid_info(layer)
+            grid = layer.quant_grid()
             got = torch.from_numpy(np.ascontiguousarray(values[t.output])).float()
             if t.kind == 'weight':
                 ref = layer.folded_weight().float().cpu()

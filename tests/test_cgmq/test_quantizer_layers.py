@@ -143,7 +143,12 @@ def test_layers_registered_state_keys_and_train_eval_identical():
     assert isinstance(conv, CGMQConv2d) and isinstance(conv, nn.Conv2d)
     extra = {'weight_range', 'act_range', 'weight_gate', 'act_gate', 'act_signed', 'calibrated'}
     assert set(conv.state_dict()) == set(nn.Conv2d(8, 6, 3).state_dict()) | extra
-    assert conv.fold_info() == dict(method='cgmq', pattern='w4a8', bits_w=4, bits_a=8)
+    info = conv.fold_info()
+    assert {k: info[k] for k in ('method', 'pattern', 'bits_w', 'bits_a')} == dict(
+        method='cgmq', pattern='w4a8', bits_w=4, bits_a=8)
+    # unit ranges: signed 4-bit weight step 2/15 per output channel, input 8-bit step 2/255
+    assert info['weight_scale'] == pytest.approx([2 / 15] * 6) and info['act_signed']
+    assert info['act_scale'] == pytest.approx(2 / 255)
     x = torch.randn(2, 8, 5, 5)
     conv.train()
     out_train = conv(x)
