@@ -1,4 +1,7 @@
-"""MaxQ DDP on two CPU processes (gloo) through tools/dist_train.sh (kill/resume: test_kill_resume)."""
+"""MaxQ, SR-STE and one-shot N:M on two CPU processes (gloo) through tools/dist_train.sh.
+
+Kill/resume of every method: test_kill_resume; CGMQ / SA++ / ACDC DDP: test_ddp_cgmq_sapp.
+"""
 import os
 import os.path as osp
 import subprocess
@@ -10,24 +13,25 @@ from helpers import ROOT, tiny_config
 from mmsparse.compat import safe_load_from_local
 
 pytestmark = pytest.mark.slow
-MAXQ = 'configs/demo/maxq_mask-rcnn_r18_1-16_demo.py'
+CONFIGS = {'maxq': 'configs/demo/maxq_mask-rcnn_r18_1-16_demo.py',
+           'srste': 'configs/demo/srste_mask-rcnn_r18_1-16_demo.py',
+           'oneshot': 'configs/demo/oneshot_mask-rcnn_r18_1-16_demo.py'}
+PORTS = {'maxq': 29613, 'srste': 29614, 'oneshot': 29615}
 HOOK = [dict(type='MaxQHook', schedule='linear', start=0, end=4, interval=1)]
 
 
-def _cfg(tiny_coco, work_dir, **updates):
-    return tiny_config(MAXQ, tiny_coco, work_dir, max_iters=6,
-                       **{'load_from': None, 'custom_hooks': HOOK, **updates})
-
-
-def test_two_process_ddp_ranks_agree(tiny_coco, tmp_path):
-    cfg = _cfg(tiny_coco, str(tmp_path), **{'train_dataloader.batch_size': 1})
-    env = {**os.environ, 'PYTHON': sys.executable, 'PORT': '29613', 'OMP_NUM_THREADS': '1'}
+@pytest.mark.parametrize('method', list(CONFIGS))
+def test_two_process_ddp_ranks_agree(method, tiny_coco, tmp_path):
+    cfg = tiny_config(CONFIGS[method], tiny_coco, str(tmp_path), max_iters=6, **{
+        'load_from': None, 'custom_hooks': HOOK, 'train_dataloader.batch_size': 1})
+    env = {**os.environ, 'PYTHON': sys.executable, 'PORT': str(PORTS[method]),
+           'OMP_NUM_THREADS': '1'}
     proc = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), cfg, '2'], cwd=ROOT,
                           env=env, text=True, capture_output=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     assert 'differ across ranks' not in log
-    # MaxQHook all-reduces a mask checksum every interval and raises on disagreement; rank 0 saved:
+    # MaxQHook compares the masks of all ranks every interval and raises if they differ; rank 0 saved:
     state = safe_load_from_local(str(tmp_path / 'iter_6.pth'))['state_dict']
     mask = state['backbone.layer3.0.conv1.mask']
     assert (mask == 0).float().mean() == pytest.approx(15 / 16)
