@@ -37,21 +37,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _first_test_image(cfg: Config) -> str:
-    from mmengine.registry import init_default_scope
-    from mmdet.registry import DATASETS
-    init_default_scope('mmdet')
-    dataset = DATASETS.build(cfg.test_dataloader.dataset)
-    return dataset.get_data_info(0)['img_path']
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     from mmdet.utils import register_all_modules
 
     from mmsparse.core import format_report
-    from mmsparse.export import build_ort_model, build_task_processor, export_onnx, verify_onnx
+    from mmsparse.export import (build_ort_model, build_task_processor, export_onnx,
+                                 first_test_image, verify_onnx)
     from mmsparse.export.evaluate import compare_graph_outputs, compare_models, evaluate_model, metric_deltas
     from mmsparse.export.fold import FOLD_META_KEY, PatternViolationError
     register_all_modules()
@@ -59,7 +52,7 @@ def main(argv=None) -> int:
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    img = args.img or _first_test_image(cfg)
+    img = args.img or first_test_image(cfg)
     result = export_onnx(cfg, args.checkpoint, args.work_dir, img, args.deploy_cfg)
     summary = dict(onnx_file=result.onnx_file, export_seconds=round(result.seconds, 2),
                    onnx_bytes=result.size_bytes)

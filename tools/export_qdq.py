@@ -42,21 +42,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _first_test_image(cfg: Config) -> str:
-    from mmdet.registry import DATASETS
-    from mmengine.registry import init_default_scope
-    init_default_scope('mmdet')
-    dataset = DATASETS.build(cfg.test_dataloader.dataset)
-    return dataset.get_data_info(0)['img_path']
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mmdet.utils import register_all_modules
 
     import mmsparse  # noqa: F401  registers mmsparse's layers and its safe checkpoint loader
     from mmsparse.cgmq import bit_histogram
-    from mmsparse.export import build_ort_model, build_task_processor
+    from mmsparse.export import build_ort_model, build_task_processor, first_test_image
     from mmsparse.export.evaluate import compare_graph_outputs, compare_models
     from mmsparse.export.fold import build_model, load_source_checkpoint
     from mmsparse.export.qdq import check_qdq_graph, export_qdq_detector, qdq_parity_on_dataset
@@ -65,7 +57,7 @@ def main(argv=None) -> int:
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    img = args.img or _first_test_image(cfg)
+    img = args.img or first_test_image(cfg)
     result = export_qdq_detector(cfg, args.checkpoint, args.work_dir, img, args.deploy_cfg,
                                  args.opset)
     print(f'exported {result.onnx_file} ({result.size_bytes / 2**20:.1f} MiB, opset {args.opset}) '

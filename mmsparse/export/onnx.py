@@ -104,6 +104,14 @@ class ExportResult:
     size_bytes: int
 
 
+def first_test_image(cfg: Config) -> str:
+    """Path of the first image of ``cfg``'s test split: the default tracing input of the exports."""
+    from mmdet.registry import DATASETS
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmdet')
+    return DATASETS.build(cfg.test_dataloader.dataset).get_data_info(0)['img_path']
+
+
 def export_onnx(model_cfg: Union[str, Config], checkpoint: str, work_dir: str, image: Any,
                 deploy_cfg: Union[str, Config, None] = None, save_file: str = 'end2end.onnx',
                 device: str = 'cpu') -> ExportResult:
@@ -267,6 +275,6 @@ def verify_onnx(onnx_file: str, patterns: Mapping[str, str]) -> Tuple[List[Viola
 __all__ = [
     'DEPLOY_CONFIG_DIR', 'ExportResult', 'build_ort_model', 'build_task_processor', 'checkable_pattern',
     'custom_op_domains',
-    'default_deploy_config', 'deploy_config_path', 'export_onnx', 'mmdeploy_compat',
+    'default_deploy_config', 'deploy_config_path', 'export_onnx', 'first_test_image', 'mmdeploy_compat',
     'onnx_layer_weights', 'verify_onnx'
 ]
