@@ -33,10 +33,21 @@ def hard_nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
 
 
 def smallest_indices(values: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` smallest entries of a 1-D tensor (lower index wins ties)."""
+    """Indices (ascending) of the ``k`` smallest entries of a 1-D tensor; lower index wins ties.
+
+    Selection, not sorting: one ``kthvalue`` gives the k-th smallest value ``v``; every entry below
+    ``v`` is taken, then the lowest-index entries equal to ``v`` fill up to ``k``.
+    """
     if k <= 0:
         return values.new_empty(0, dtype=torch.long)
-    return torch.sort(values, stable=True).indices[:k]
+    if k >= values.numel():
+        return torch.arange(values.numel(), device=values.device)
+    v_k = torch.kthvalue(values, k).values
+    below = values < v_k
+    tied = (values == v_k).nonzero().flatten()[:k - int(below.sum())]
+    chosen = below.clone()
+    chosen[tied] = True
+    return chosen.nonzero().flatten()
 
 
 def largest_indices(values: Tensor, k: int) -> Tensor:

@@ -21,13 +21,15 @@ from ..core.patterns import from_blocks, to_blocks
 def order_stats(rows: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """The k-th and (k+1)-th smallest value of every row (1-based, ``1 <= k < row_len``).
 
-    Selection, not sorting: a ``topk`` of the ``row_len − k + 1`` largest values when that is the
-    smaller side (e.g. 1:16), else one ``kthvalue`` plus the smallest value above it (e.g. 2:4).
+    Selection, not sorting: an unsorted ``topk`` of the ``row_len − k + 1`` largest values and the
+    two smallest of those when that is the smaller side (e.g. 1:16), else one ``kthvalue`` plus the
+    smallest value above it (e.g. 2:4).
     """
     keep = rows.shape[1] - k
     if keep + 1 <= k:
-        top = torch.topk(rows, keep + 1, dim=1, largest=True, sorted=True).values
-        return top[:, keep:keep + 1], top[:, keep - 1:keep]
+        top = torch.topk(rows, keep + 1, dim=1, largest=True, sorted=False).values
+        two = torch.topk(top, 2, dim=1, largest=False, sorted=True).values
+        return two[:, :1], two[:, 1:]
     v_k = torch.kthvalue(rows, k, dim=1, keepdim=True).values
     at_most = rows <= v_k
     above = rows.masked_fill(at_most, float('inf')).amin(dim=1, keepdim=True)
