@@ -1,5 +1,6 @@
 """Small helpers shared by tools and modules."""
 import hashlib
+import json
 import os
 import tempfile
 from typing import Callable, Iterable, List, Tuple
@@ -37,6 +38,14 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
+def write_json(path: str, data, indent: int = 2) -> None:
+    """Write ``data`` as JSON atomically (:func:`atomic_write`); numpy/torch scalars as floats."""
+    def write(tmp: str) -> None:
+        with open(tmp, 'w') as f:
+            json.dump(data, f, indent=indent, default=float)
+    atomic_write(path, write)
+
+
 def check_config(cfg) -> None:
     """Pre-flight checks that name the culprit before the runner is built.
 
@@ -50,7 +59,6 @@ def check_config(cfg) -> None:
 
 
 def _check_train_annotations(cfg) -> None:
-    import json
     dataset = cfg.get('train_dataloader', {}).get('dataset', {})
     ann_file = dataset.get('ann_file')
     if not ann_file or not str(ann_file).endswith('.json'):

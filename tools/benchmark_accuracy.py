@@ -22,7 +22,6 @@ BOPs relative to 32/32 and the per-layer bit widths; SA++/ACDC share of all-zero
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import os.path as osp
@@ -32,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 import mmsparse  # noqa: F401  (registers layers, hooks, optimizer wrappers, ConvertedModel)
 from mmsparse.cgmq import cgmq_layers, full_precision_bops, total_bops
 from mmsparse.core import block_sparsity, model_report
+from mmsparse.utils import atomic_write, write_json
 
 try:  # SequentialAttention++ / ACDC (mmsparse.sapp) may be absent in older checkouts
     from mmsparse.sapp import BlockSparseMixin
@@ -438,10 +439,8 @@ def main(argv=None) -> dict:
     print(table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(osp.join(args.out, 'results.json'), 'w') as f:
-            json.dump(report, f, indent=1)
-        with open(osp.join(args.out, 'results.md'), 'w') as f:
-            f.write(table)
+        write_json(osp.join(args.out, 'results.json'), report, indent=1)
+        atomic_write(osp.join(args.out, 'results.md'), lambda tmp: Path(tmp).write_text(table))
         print(f'wrote {osp.join(args.out, "results.json")} and results.md')
     return report
 

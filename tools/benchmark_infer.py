@@ -33,7 +33,6 @@ Writes ``benchmark_infer.json`` and ``benchmark_infer.png``.
 """
 import argparse
 import copy
-import json
 import math
 import os
 import os.path as osp
@@ -54,7 +53,7 @@ from mmsparse.core import NMPattern, is_nm, verify_state_dict
 from mmsparse.export.fold import (FOLD_META_KEY, PatternViolationError, build_model,
                                   load_plain_checkpoint)
 from mmsparse.export.onnx import custom_op_domains, default_deploy_config, export_onnx, verify_onnx
-from mmsparse.utils import atomic_write
+from mmsparse.utils import atomic_write, write_json
 
 TARGET = (0.95, 1.05)   # issue 7: folded inference within 0.95-1.05x dense
 GRAPHS = ('backbone+neck', 'end2end')
@@ -269,11 +268,6 @@ def format_table(rows: List[dict]) -> str:
     return '\n'.join(lines)
 
 
-def _write_json(path: str, data: dict) -> None:
-    with open(path, 'w') as f:
-        json.dump(data, f, indent=2, default=float)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('dense_config', help='config of the dense model')
@@ -386,7 +380,7 @@ def main(argv=None) -> None:
         cpu_count=os.cpu_count(), machine=platform.machine(), torch=torch.__version__,
         onnxruntime=ort.__version__, load_avg_start=load_start, load_avg_end=os.getloadavg(),
         wall_s=time.perf_counter() - start, results=rows, table=table)
-    atomic_write(osp.join(args.out_dir, 'benchmark_infer.json'), lambda tmp: _write_json(tmp, report))
+    write_json(osp.join(args.out_dir, 'benchmark_infer.json'), report)
     plot(rows, osp.join(args.out_dir, 'benchmark_infer.png'))
     print(f'load average {load_start[0]:.2f} → {report["load_avg_end"][0]:.2f} (1 min), '
           f'{report["wall_s"]:.0f} s; wrote {args.out_dir}/benchmark_infer.json and .png')

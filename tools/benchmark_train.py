@@ -23,6 +23,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 
 import mmsparse  # noqa: F401
+from mmsparse.utils import write_json
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -197,8 +198,7 @@ def main() -> None:
         print(line)
     meta = dict(iters=args.iters, warmup=args.warmup, cpu_count=os.cpu_count(),
                 load_avg=os.getloadavg(), results=results)
-    with open(osp.join(args.out, 'benchmark_train.json'), 'w') as f:
-        json.dump(meta, f, indent=2)
+    write_json(osp.join(args.out, 'benchmark_train.json'), meta)
     plot(results, osp.join(args.out, 'benchmark_train.png'))
     print(f'wrote {args.out}/benchmark_train.json and .png')
 

@@ -14,7 +14,6 @@ config (e.g. the test data root). Exit status 1 when a pattern is broken in the 
 ``--max-map-diff`` is exceeded.
 """
 import argparse
-import json
 import os.path as osp
 import sys
 
@@ -42,11 +41,11 @@ def main(argv=None) -> int:
     import torch
     from mmdet.utils import register_all_modules
 
-    from mmsparse.core import format_report
     from mmsparse.export import (build_ort_model, build_task_processor, export_onnx,
                                  first_test_image, verify_onnx)
     from mmsparse.export.evaluate import compare_graph_outputs, compare_models, evaluate_model, metric_deltas
     from mmsparse.export.fold import FOLD_META_KEY, PatternViolationError
+    from mmsparse.utils import write_json
     register_all_modules()
 
     cfg = Config.fromfile(args.config)
@@ -93,8 +92,7 @@ def main(argv=None) -> int:
             if worst > args.max_map_diff:
                 print(f'mAP differs by {worst:.2f} points (> {args.max_map_diff})', file=sys.stderr)
                 status = 1
-    with open(osp.join(args.work_dir, 'deploy_summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2, default=float)
+    write_json(osp.join(args.work_dir, 'deploy_summary.json'), summary)
     return status
 
 

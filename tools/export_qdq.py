@@ -16,7 +16,6 @@ Exit status 1 when the Q/DQ pairs do not match the bit widths, or with ``--compa
 ``--max-mismatch-rate`` of the quantized values differ from PyTorch by a code.
 """
 import argparse
-import json
 import os.path as osp
 import sys
 
@@ -52,6 +51,7 @@ def main(argv=None) -> int:
     from mmsparse.export.evaluate import compare_graph_outputs, compare_models
     from mmsparse.export.fold import build_model, load_source_checkpoint
     from mmsparse.export.qdq import check_qdq_graph, export_qdq_detector, qdq_parity_on_dataset
+    from mmsparse.utils import write_json
     register_all_modules()
 
     cfg = Config.fromfile(args.config)
@@ -100,8 +100,7 @@ def main(argv=None) -> int:
                   f'(> {args.max_mismatch_rate}) or weights off by '
                   f'{parity["weight_max_diff_steps"]:.3g} step(s)', file=sys.stderr)
             status = 1
-    with open(osp.join(args.work_dir, 'qdq_summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2, default=float)
+    write_json(osp.join(args.work_dir, 'qdq_summary.json'), summary)
     return status
 
 
