@@ -21,13 +21,13 @@ log() { printf '[install] %s\n' "$*"; }
 pin() { grep -E "^$1([=<>]|$)" "$pins" | head -n 1; }
 
 want="$(cat "$pins" "$root/tools/install.sh" "$root/pyproject.toml" "$root/setup.cfg" \
-        | sha256sum | cut -d' ' -f1)${TORCH_INDEX_URL:+-$TORCH_INDEX_URL}"
+          "$root/setup.py" "$root"/mmsparse/csrc/* | sha256sum | cut -d' ' -f1)${TORCH_INDEX_URL:+-$TORCH_INDEX_URL}"
 
 check() {
   "$py" - <<'PY'
 import mmcv, mmdet, mmengine, torch
 from mmcv.ops import RoIAlign, nms  # noqa: F401  compiled ops must be present
-import mmsparse
+import mmsparse, mmsparse._ext  # noqa: F401  mmsparse's CPU kernels must be built
 print(f'[install] ok: torch {torch.__version__}, mmcv {mmcv.__version__}, '
       f'mmengine {mmengine.__version__}, mmdet {mmdet.__version__}, mmsparse {mmsparse.__version__}')
 PY
@@ -59,7 +59,7 @@ log "stage 3/4: mmengine, mmdet, pycocotools, onnx, onnxruntime, mmdeploy, test 
 mapfile -t rest < <(sed -n '/^# Stage 3/,$p' "$pins" | grep -vE '^\s*(#|$)')
 pip_install "${rest[@]}" "$(pin numpy)" "$(pin opencv-python)"
 
-log "stage 4/4: mmsparse (editable)"
+log "stage 4/4: mmsparse (editable) and its CPU kernels (mmsparse/csrc, ~1 min)"
 pip_install --no-build-isolation --no-deps -e "$root"
 
 check
