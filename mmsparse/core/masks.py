@@ -3,10 +3,17 @@
 Tie rule (all selections here): among equal magnitudes the element with the lower index in the block
 (or the lower block index) wins. ``argmax`` (first maximum) and stable sorts implement it; it is what
 makes masks reproducible.
+
+On float32 CPU tensors the masks come from the compiled kernel ``torch.ops.mmsparse.nm_mask``
+(:mod:`mmsparse.core.ext`); the ``*_torch`` functions implement the same definition with tensor ops
+for other devices and as the reference the kernel is tested against.
 """
+import math
+
 import torch
 from torch import Tensor
 
+from .ext import use_kernel
 from .patterns import from_blocks, to_blocks
 
 
@@ -26,10 +33,32 @@ def hard_nm_mask_blocks(abs_blocks: Tensor, n: int) -> Tensor:
     return mask
 
 
-def hard_nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
-    """Binary mask of ``weight``'s shape keeping the ``n`` largest |w| of every ``m``-block."""
-    blocks = to_blocks(weight.detach().abs(), m)
-    return from_blocks(hard_nm_mask_blocks(blocks, n), weight.shape).contiguous()
+def dense_block_count(weight: Tensor, m: int, preserve: float) -> int:
+    """``floor(preserve·G)``: how many of the ``G`` blocks stay fully dense at preserve rate ``preserve``."""
+    return math.floor(preserve * (weight.numel() // m))
+
+
+def hard_nm_mask_torch(abs_weight: Tensor, n: int, m: int, preserve: float = 0.0) -> Tensor:
+    """:func:`hard_nm_mask` with tensor ops, from the magnitudes ``abs_weight``."""
+    blocks = to_blocks(abs_weight, m)
+    hard = hard_nm_mask_blocks(blocks, n)
+    n_dense = dense_block_count(abs_weight, m, preserve)
+    if n_dense > 0:
+        hard[smallest_indices(blocks.sum(dim=1, dtype=torch.float64), n_dense)] = 1.0
+    return from_blocks(hard, abs_weight.shape).contiguous()
+
+
+def hard_nm_mask(weight: Tensor, n: int, m: int, preserve: float = 0.0) -> Tensor:
+    """Binary mask of ``weight``'s shape keeping the ``n`` largest |w| of every ``m``-block.
+
+    The ``floor(preserve·G)`` blocks of smallest L1 norm (summed in float64, so the choice does not
+    depend on summation order) stay fully dense: MaxQ's gradual schedule (SPEC §1.2).
+    """
+    weight = weight.detach()
+    if use_kernel(weight):
+        return torch.ops.mmsparse.nm_mask(weight, n, m, dense_block_count(weight, m, preserve), 1.0,
+                                          False)
+    return hard_nm_mask_torch(weight.abs(), n, m, preserve).to(weight.dtype)
 
 
 def smallest_indices(values: Tensor, k: int) -> Tensor:

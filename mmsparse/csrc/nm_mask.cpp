@@ -10,10 +10,12 @@
 //    index winning ties;
 //  - q_a = 1[|w| >= v_(k+1)] * sigmoid((|w| - (v_k + v_(k+1)) / 2) / tau), v_j the j-th smallest
 //    magnitude of the row along axis a, k = floor((M - N) / M * row length).
-// Order statistics are exact: a deterministic sample brackets ranks k and k+1, one sweep counts the
-// values below the bracket and collects those inside it, std::nth_element finishes on the bracket
-// (the whole row when the bracket misses). Soft scores are computed only where H = 1. Results do not
-// depend on the number of threads.
+// Order statistics are exact: a deterministic sample brackets ranks k and k+1, one branch-free sweep
+// counts the values below the bracket and collects those inside it, std::nth_element finishes on the
+// bracket (on the whole row when the bracket misses). The kernel-axis statistics come first (one
+// sweep over the weight); then each output channel is handled while it is in cache: its filter-axis
+// statistics, its hard N:M selection, and the soft value of every kept weight. Results do not depend
+// on the number of threads.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -30,122 +32,127 @@ struct OrderStats {
   float v_k1;  // (k+1)-th smallest
 };
 
-// k-th and (k+1)-th smallest of values (1 <= k < values.size()); reorders values.
-OrderStats select_two(std::vector<float>& values, int64_t k) {
-  std::nth_element(values.begin(), values.begin() + (k - 1), values.end());
-  return {values[k - 1], *std::min_element(values.begin() + k, values.end())};
+// k-th and (k+1)-th smallest of the first `size` values (1 <= k < size); reorders them.
+OrderStats select_two(float* values, int64_t size, int64_t k) {
+  std::nth_element(values, values + (k - 1), values + size);
+  return {values[k - 1], *std::min_element(values + k, values + size)};
 }
 
-// Values of one row inside [lo, hi] and the count below lo: enough to find ranks k and k+1 when
-// below < k and k + 1 <= below + inside.size().
-struct Bracket {
-  float lo = -std::numeric_limits<float>::infinity();
-  float hi = std::numeric_limits<float>::infinity();
-  int64_t below = 0;
-  std::vector<float> inside;
-
-  // Bounds from `sample` (values drawn evenly from a row of `len`), 3 standard deviations of the
-  // sample rank around the target rank.
-  void set_bounds(std::vector<float>& sample, int64_t len, int64_t k) {
-    std::sort(sample.begin(), sample.end());
-    const double n = static_cast<double>(sample.size()), q = static_cast<double>(k) / len;
-    const double margin = 3.0 * std::sqrt(n * q * (1.0 - q)) + 2.0;
-    const int64_t ilo = static_cast<int64_t>(std::floor(q * n - margin));
-    const int64_t ihi = static_cast<int64_t>(std::ceil(q * n + margin));
-    if (ilo >= 0) lo = sample[ilo];
-    if (ihi < static_cast<int64_t>(sample.size())) hi = sample[ihi];
-  }
-
-  inline void add(float v) {
-    if (v < lo) {
-      ++below;
-    } else if (v <= hi) {
-      inside.push_back(v);
-    }
-  }
-
-  bool finish(int64_t k, OrderStats* out) {
-    const int64_t r = k - below;
-    if (r < 1 || r + 1 > static_cast<int64_t>(inside.size())) return false;
-    *out = select_two(inside, r);
-    return true;
-  }
-};
-
-constexpr int64_t kSampleEvery = 16;   // one sample value per 16 row values
+constexpr int64_t kSampleEvery = 16;      // one sample value per 16 row values
 constexpr int64_t kMaxSample = 4096;
 constexpr int64_t kMinBracketRow = 2048;  // shorter rows: nth_element on the whole row
 
 inline int64_t sample_size(int64_t len) { return std::min(kMaxSample, len / kSampleEvery); }
 
-inline float soft_score(float x, const OrderStats& s, float tau) {
-  if (x < s.v_k1) return 0.0f;
-  const float threshold = 0.5f * (s.v_k + s.v_k1);
-  return 1.0f / (1.0f + std::exp(-((x - threshold) / tau)));
+// Bounds around rank k of `len` values from `sample` (values drawn evenly from them): 3 standard
+// deviations of the sample rank on each side, infinite where the sample runs out. Selection, not
+// sorting: the sample is reordered.
+template <typename T>
+void bracket_bounds(std::vector<T>& sample, int64_t len, int64_t k, T* lo, T* hi) {
+  const int64_t n = sample.size();
+  const double q = static_cast<double>(k) / len, margin = 3.0 * std::sqrt(n * q * (1.0 - q)) + 2.0;
+  const int64_t ilo = static_cast<int64_t>(std::floor(q * n - margin));
+  const int64_t ihi = static_cast<int64_t>(std::ceil(q * n + margin));
+  *lo = -std::numeric_limits<T>::infinity();
+  *hi = std::numeric_limits<T>::infinity();
+  if (ilo >= 0) {
+    std::nth_element(sample.begin(), sample.begin() + ilo, sample.end());
+    *lo = sample[ilo];
+  }
+  if (ihi < n) {  // after the first selection the ihi-th smallest lies right of ilo
+    std::nth_element(sample.begin() + std::max<int64_t>(ilo + 1, 0), sample.begin() + ihi,
+                     sample.end());
+    *hi = sample[ihi];
+  }
 }
 
-// Filter axis: row o is the contiguous |w[o, :, :, :]| of length L.
-std::vector<OrderStats> filter_stats(const float* x, int64_t O, int64_t L, int64_t k) {
-  std::vector<OrderStats> stats(O);
-  at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(L), sample;
-    for (int64_t o = begin; o < end; ++o) {
-      const float* src = x + o * L;
-      if (L >= kMinBracketRow) {
-        const int64_t S = sample_size(L);
-        sample.resize(S);
-        for (int64_t i = 0; i < S; ++i) sample[i] = std::fabs(src[i * L / S]);
-        Bracket bracket;
-        bracket.set_bounds(sample, L, k);
-        bracket.inside.reserve(L / 8);
-        for (int64_t t = 0; t < L; ++t) bracket.add(std::fabs(src[t]));
-        if (bracket.finish(k, &stats[o])) continue;
-      }
-      for (int64_t t = 0; t < L; ++t) row[t] = std::fabs(src[t]);
-      stats[o] = select_two(row, k);
-    }
-  });
-  return stats;
+// The values of a row inside [lo, hi] and the count below lo: enough to find ranks k and k+1 when
+// below < k and k + 1 <= below + size.
+struct Bracket {
+  float lo = 0.0f, hi = 0.0f;
+  int64_t below = 0, size = 0;
+  std::vector<float> inside;
+
+  // Room for `count` calls of add(): every call writes one slot and keeps it only when inside.
+  void reserve(int64_t count) { inside.resize(count); }
+
+  inline void add(float v) {
+    below += v < lo;
+    inside[size] = v;
+    size += (v >= lo) & (v <= hi);
+  }
+
+  bool finish(int64_t k, OrderStats* out) {
+    const int64_t r = k - below;
+    if (r < 1 || r + 1 > size) return false;
+    *out = select_two(inside.data(), size, r);
+    return true;
+  }
+};
+
+// k-th and (k+1)-th smallest of |row| (contiguous, length len); `buf` is scratch.
+OrderStats row_stats(const float* row, int64_t len, int64_t k, std::vector<float>& buf) {
+  OrderStats stats;
+  if (len >= kMinBracketRow) {
+    const int64_t S = sample_size(len);
+    std::vector<float> sample(S);
+    for (int64_t i = 0; i < S; ++i) sample[i] = std::fabs(row[i * len / S]);
+    Bracket bracket;
+    bracket_bounds(sample, len, k, &bracket.lo, &bracket.hi);
+    bracket.reserve(len);
+    for (int64_t t = 0; t < len; ++t) bracket.add(std::fabs(row[t]));
+    if (bracket.finish(k, &stats)) return stats;
+  }
+  buf.resize(len);
+  for (int64_t t = 0; t < len; ++t) buf[t] = std::fabs(row[t]);
+  return select_two(buf.data(), len, k);
 }
 
 // Kernel axis: row `pos` is |w[:, :, r, c]| over all O*I weights (stride K in memory). One sweep over
-// the weight fills the brackets of every position; chunks of output channels are merged in order.
+// the weight fills the brackets of every position, per chunk of output channels; chunks are merged.
 std::vector<OrderStats> kernel_stats(const float* x, int64_t O, int64_t I, int64_t K, int64_t k) {
   const int64_t len = O * I, S = sample_size(len);
-  std::vector<OrderStats> stats(K);
   std::vector<Bracket> brackets(K);
   std::vector<float> sample(S);
   for (int64_t pos = 0; pos < K; ++pos) {
     for (int64_t i = 0; i < S; ++i) sample[i] = std::fabs(x[(i * len / S) * K + pos]);
-    brackets[pos].set_bounds(sample, len, k);
+    bracket_bounds(sample, len, k, &brackets[pos].lo, &brackets[pos].hi);
   }
   const int64_t chunks = std::min<int64_t>(O, 4 * at::get_num_threads());
   std::vector<std::vector<Bracket>> partial(chunks, brackets);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
+      const int64_t o0 = O * c / chunks, o1 = O * (c + 1) / chunks;
       std::vector<Bracket>& mine = partial[c];
-      for (int64_t pos = 0; pos < K; ++pos) mine[pos].inside.reserve(len / chunks / 16);
-      const float* src = x + (O * c / chunks) * I * K;
-      const float* stop = x + (O * (c + 1) / chunks) * I * K;
-      for (; src < stop; src += K) {
+      for (Bracket& b : mine) b.reserve((o1 - o0) * I);
+      for (const float* src = x + o0 * I * K; src < x + o1 * I * K; src += K) {
         for (int64_t pos = 0; pos < K; ++pos) mine[pos].add(std::fabs(src[pos]));
       }
     }
   });
+  std::vector<OrderStats> stats(K);
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
     for (int64_t pos = begin; pos < end; ++pos) {
       Bracket& merged = brackets[pos];
+      merged.reserve(len);
       for (const auto& part : partial) {
-        merged.below += part[pos].below;
-        merged.inside.insert(merged.inside.end(), part[pos].inside.begin(), part[pos].inside.end());
+        const Bracket& p = part[pos];
+        std::copy(p.inside.begin(), p.inside.begin() + p.size, merged.inside.begin() + merged.size);
+        merged.below += p.below;
+        merged.size += p.size;
       }
       if (merged.finish(k, &stats[pos])) continue;
-      std::vector<float> row(len);
-      for (int64_t t = 0; t < len; ++t) row[t] = std::fabs(x[t * K + pos]);
-      stats[pos] = select_two(row, k);
+      for (int64_t t = 0; t < len; ++t) merged.inside[t] = std::fabs(x[t * K + pos]);
+      stats[pos] = select_two(merged.inside.data(), len, k);
     }
   });
   return stats;
+}
+
+inline float soft_score(float a, const OrderStats& s, float tau) {
+  if (a < s.v_k1) return 0.0f;
+  const float threshold = 0.5f * (s.v_k + s.v_k1);
+  return 1.0f / (1.0f + std::exp(-((a - threshold) / tau)));
 }
 
 struct BlockSum {
@@ -155,6 +162,43 @@ struct BlockSum {
     return sum < other.sum || (sum == other.sum && index < other.index);
   }
 };
+
+// Indices of the `count` smallest block sums in (sum, index) order (0 < count <= sums.size()),
+// bracketed like the order statistics: blocks below the bracket are in, blocks above it out, the
+// rest of the choice is made among the blocks inside it (among all blocks when the bracket misses).
+std::vector<int64_t> smallest_blocks(const std::vector<BlockSum>& sums, int64_t count) {
+  const int64_t G = sums.size();
+  std::vector<int64_t> chosen;
+  chosen.reserve(count);
+  if (count == G) {
+    for (int64_t b = 0; b < G; ++b) chosen.push_back(b);
+    return chosen;
+  }
+  const int64_t S = sample_size(G);
+  std::vector<double> sample(S);
+  for (int64_t i = 0; i < S; ++i) sample[i] = sums[i * G / S].sum;
+  double lo, hi;
+  bracket_bounds(sample, G, count, &lo, &hi);
+  std::vector<BlockSum> rest;
+  for (const BlockSum& b : sums) {
+    if (b.sum < lo) {
+      chosen.push_back(b.index);
+    } else if (b.sum <= hi) {
+      rest.push_back(b);
+    }
+  }
+  const int64_t below = chosen.size();
+  if (below > count || below + static_cast<int64_t>(rest.size()) < count) {  // bracket missed
+    chosen.clear();
+    rest = sums;
+  }
+  const int64_t r = count - chosen.size();
+  if (r > 0) {
+    std::nth_element(rest.begin(), rest.begin() + (r - 1), rest.end());
+    for (int64_t t = 0; t < r; ++t) chosen.push_back(rest[t].index);
+  }
+  return chosen;
+}
 
 at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense, double tau,
                    bool soft) {
@@ -174,13 +218,28 @@ at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_den
   at::Tensor out = at::zeros_like(w);
   const float* x = w.data_ptr<float>();
   float* s = out.data_ptr<float>();
+  const bool by_kernel_axis = soft && K > 1;
+  const std::vector<OrderStats> by_kernel =
+      by_kernel_axis ? kernel_stats(x, O, I, K, (m - n) * O * I / m) : std::vector<OrderStats>();
+  std::vector<OrderStats> by_filter(soft ? O : 0);
+  const float tau_f = static_cast<float>(tau);
+  // S of a kept weight at flat index t (output channel o, kernel position pos).
+  auto kept_value = [&](int64_t t, int64_t o, int64_t pos) {
+    if (!soft) return 1.0f;
+    const float a = std::fabs(x[t]);
+    float value = 1.0f + soft_score(a, by_filter[o], tau_f);
+    if (by_kernel_axis) value += soft_score(a, by_kernel[pos], tau_f);
+    return value;
+  };
   std::vector<BlockSum> sums(n_dense > 0 ? G : 0);
 
-  // Hard N:M mask: per channel group, the m x K slab is read in memory order; then per position
-  // n passes of "first maximum of what is left".
+  // Per output channel: filter-axis statistics, then the hard N:M selection (per channel group the
+  // m x K slab is read in memory order, then per position n passes of "first maximum of what is
+  // left"), writing S where kept, and the blocks' L1 sums.
   at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> slab(m * K);
+    std::vector<float> slab(m * K), buf;
     for (int64_t o = begin; o < end; ++o) {
+      if (soft) by_filter[o] = row_stats(x + o * L, L, (m - n) * L / m, buf);
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t base = o * L + g * m * K;
         for (int64_t j = 0; j < m; ++j) {
@@ -196,7 +255,7 @@ at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_den
           }
           for (int64_t t = 0; t < n; ++t) {
             const int64_t j = std::max_element(block, block + m) - block;
-            s[base + j * K + pos] = 1.0f;
+            s[base + j * K + pos] = kept_value(base + j * K + pos, o, pos);
             block[j] = -1.0f;
           }
         }
@@ -206,31 +265,16 @@ at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_den
 
   // The n_dense smallest-L1 blocks become dense.
   if (n_dense > 0) {
-    if (n_dense < G) std::nth_element(sums.begin(), sums.begin() + (n_dense - 1), sums.end());
-    for (int64_t t = 0; t < n_dense; ++t) {
-      const int64_t block = sums[t].index;
-      const int64_t g = block % groups, pos = (block / groups) % K, o = block / (groups * K);
-      const int64_t base = o * L + g * m * K + pos;
-      for (int64_t j = 0; j < m; ++j) s[base + j * K] = 1.0f;
-    }
-  }
-  if (!soft) return out;
-
-  const std::vector<OrderStats> by_filter = filter_stats(x, O, L, (m - n) * L / m);
-  const std::vector<OrderStats> by_kernel =
-      K > 1 ? kernel_stats(x, O, I, K, (m - n) * O * I / m) : std::vector<OrderStats>();
-  const float tau_f = static_cast<float>(tau);
-  at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      for (int64_t t = o * L; t < (o + 1) * L; ++t) {
-        if (s[t] == 0.0f) continue;
-        const float a = std::fabs(x[t]);
-        float value = 1.0f + soft_score(a, by_filter[o], tau_f);
-        if (K > 1) value += soft_score(a, by_kernel[t % K], tau_f);
-        s[t] = value;
+    const std::vector<int64_t> dense = smallest_blocks(sums, n_dense);
+    at::parallel_for(0, dense.size(), 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t block = dense[t];
+        const int64_t g = block % groups, pos = (block / groups) % K, o = block / (groups * K);
+        const int64_t base = o * L + g * m * K + pos;
+        for (int64_t j = 0; j < m; ++j) s[base + j * K] = kept_value(base + j * K, o, pos);
       }
-    }
-  });
+    });
+  }
   return out;
 }
 

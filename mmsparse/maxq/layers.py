@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..core.masks import hard_nm_mask
 from ..core.patterns import NMPattern, nm_incompatibility
 from ..core.ste import mask_ste
-from .mask import hard_mask_with_preserve, maxq_mask
+from .mask import maxq_mask
 
 INCOMPATIBLE_CHOICES = ('dense', 'error')
 
@@ -60,9 +60,8 @@ class NMSparseMixin:
         if self.method == 'maxq':
             return maxq_mask(self.weight, self.pattern.n, self.pattern.m, preserve, self.tau)
         if self.method == 'srste':
-            return hard_mask_with_preserve(self.weight.detach().abs(), self.pattern.n,
-                                           self.pattern.m, preserve).to(self.weight.dtype)
-        return hard_nm_mask(self.weight, self.pattern.n, self.pattern.m).to(self.weight.dtype)
+            return hard_nm_mask(self.weight, self.pattern.n, self.pattern.m, preserve)
+        return hard_nm_mask(self.weight, self.pattern.n, self.pattern.m)
 
     @torch.no_grad()
     def refresh_mask(self, preserve: float) -> None:
@@ -87,21 +86,21 @@ class NMSparseMixin:
         """Gradient edit between backward and step, on unscaled gradients.
 
         MaxQ and SR-STE add the SR-STE decay ``decay·(1 − clamp(S, 0, 1))·W``; one-shot masks the
-        gradient so pruned weights stay pruned.
+        gradient (its mask is binary) so pruned weights stay pruned.
         """
         grad = self.weight.grad
         if grad is None or not self.is_sparse:
             return
         if self.method == 'oneshot':
-            grad.mul_(self.mask != 0)
+            grad.mul_(self.mask)
         elif decay:
-            grad.add_(decay * (1.0 - self.mask.clamp(0.0, 1.0)) * self.weight)
+            grad.addcmul_(self.weight, self.mask.clamp(0.0, 1.0).neg_().add_(1.0), value=decay)
 
     @torch.no_grad()
     def after_step(self) -> None:
         """One-shot re-applies its fixed mask to the weights after the optimizer step."""
         if self.method == 'oneshot' and self.is_sparse:
-            self.weight.mul_(self.mask != 0)
+            self.weight.mul_(self.mask)
 
     @torch.no_grad()
     def folded_weight(self) -> Tensor:

@@ -7,15 +7,18 @@ smallest L1 norm forced dense, and each ``q_a`` enhances the weights that stay a
 Tie rule of the soft scores: a weight is "among the top" when ``|w| >= v_{k+1}`` (the (k+1)-th smallest
 magnitude of its row), so all weights tied at the boundary are enhanced; the hard mask keeps exactly N
 per block with the lower channel index winning ties (:mod:`mmsparse.core.masks`).
+
+On float32 CPU weights the compiled kernel ``torch.ops.mmsparse.nm_mask`` computes ``S`` in a few
+sweeps (exact selection by bracketing, soft scores only where ``H = 1``); :func:`maxq_mask_torch` is
+the same definition with tensor ops, for other devices and as the kernel's reference.
 """
-import math
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from ..core.masks import hard_nm_mask_blocks, smallest_indices
-from ..core.patterns import from_blocks, to_blocks
+from ..core.ext import use_kernel
+from ..core.masks import dense_block_count, hard_nm_mask_torch
 
 
 def order_stats(rows: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -48,14 +51,18 @@ def axis_scores(rows: Tensor, n: int, m: int, tau: float) -> Tensor:
     return (rows >= v_k1) * torch.sigmoid((rows - threshold) / tau)
 
 
-def hard_mask_with_preserve(abs_weight: Tensor, n: int, m: int, preserve: float) -> Tensor:
-    """Hard N:M mask where the ``floor(preserve·G)`` smallest-L1 blocks stay fully dense."""
-    blocks = to_blocks(abs_weight, m)
-    hard = hard_nm_mask_blocks(blocks, n)
-    n_dense = math.floor(preserve * blocks.shape[0])
-    if n_dense > 0:
-        hard[smallest_indices(blocks.sum(dim=1), n_dense)] = 1.0
-    return from_blocks(hard, abs_weight.shape)
+@torch.no_grad()
+def maxq_mask_torch(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01) -> Tensor:
+    """:func:`maxq_mask` with tensor ops (any device)."""
+    abs_w = weight.detach().abs().float()
+    hard = hard_nm_mask_torch(abs_w, n, m, preserve)
+    soft = 1.0 + axis_scores(abs_w.reshape(abs_w.shape[0], -1), n, m, tau).reshape(abs_w.shape)
+    if abs_w.dim() == 4 and abs_w.shape[2] * abs_w.shape[3] > 1:
+        kh, kw = abs_w.shape[2:]
+        per_position = abs_w.permute(2, 3, 0, 1).reshape(kh * kw, -1)
+        q_kernel = axis_scores(per_position, n, m, tau)
+        soft += q_kernel.reshape(kh, kw, *abs_w.shape[:2]).permute(2, 3, 0, 1)
+    return (hard * soft).to(weight.dtype)
 
 
 @torch.no_grad()
@@ -72,12 +79,8 @@ def maxq_mask(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01
     Returns:
         Tensor: ``S`` of ``weight``'s shape with values in ``{0} ∪ [1, 3)``.
     """
-    abs_w = weight.detach().abs().float()
-    hard = hard_mask_with_preserve(abs_w, n, m, preserve)
-    soft = 1.0 + axis_scores(abs_w.reshape(abs_w.shape[0], -1), n, m, tau).reshape(abs_w.shape)
-    if abs_w.dim() == 4 and abs_w.shape[2] * abs_w.shape[3] > 1:
-        kh, kw = abs_w.shape[2:]
-        per_position = abs_w.permute(2, 3, 0, 1).reshape(kh * kw, -1)
-        q_kernel = axis_scores(per_position, n, m, tau)
-        soft += q_kernel.reshape(kh, kw, *abs_w.shape[:2]).permute(2, 3, 0, 1)
-    return (hard * soft).to(weight.dtype)
+    weight = weight.detach()
+    if use_kernel(weight):
+        return torch.ops.mmsparse.nm_mask(weight, n, m, dense_block_count(weight, m, preserve), tau,
+                                          True)
+    return maxq_mask_torch(weight, n, m, preserve, tau)

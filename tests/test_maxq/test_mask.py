@@ -1,8 +1,16 @@
-"""MaxQ mask against an independent, sort-based reference of SPEC §1 (the paper code's approach)."""
+"""MaxQ mask against an independent, sort-based reference of SPEC §1 (the paper code's approach).
+
+``maxq_mask`` runs the compiled CPU kernel on these float32 tensors; ``maxq_mask_torch`` is the
+tensor-op implementation of the same definition. Both are checked against the reference and each other.
+"""
 import pytest
 import torch
 
-from mmsparse.maxq.mask import maxq_mask
+from mmsparse.core.masks import hard_nm_mask, hard_nm_mask_torch
+from mmsparse.maxq.mask import maxq_mask, maxq_mask_torch
+
+IMPLEMENTATIONS = pytest.mark.parametrize('impl', [maxq_mask, maxq_mask_torch],
+                                          ids=['kernel', 'torch'])
 
 
 def _reference(w, n, m, preserve, tau=0.01):
@@ -13,7 +21,7 @@ def _reference(w, n, m, preserve, tau=0.01):
     hard = torch.ones_like(blocks).scatter_(1, order[:, :m - n], 0.0)
     # smallest-L1 blocks forced dense
     n_dense = int(preserve * blocks.shape[0])
-    hard[torch.argsort(blocks.sum(1))[:n_dense]] = 1.0
+    hard[torch.argsort(blocks.double().sum(1), stable=True)[:n_dense]] = 1.0
     if w.dim() == 4:
         o, i, kh, kw = w.shape
         hard = hard.reshape(o, kh, kw, i).permute(0, 3, 1, 2)
@@ -35,17 +43,20 @@ def _reference(w, n, m, preserve, tau=0.01):
 
 
 SHAPES = [(32, 64, 1, 1), (16, 32, 3, 3), (24, 64), (8, 48, 3, 3)]
+# rows long enough for the kernel's bracketed selection (filter rows >= 2048, kernel rows 2^14)
+LARGE_SHAPES = [(64, 256, 3, 3), (24, 512, 3, 3), (16, 4096)]
 
 
-@pytest.mark.parametrize('shape', SHAPES)
+@IMPLEMENTATIONS
+@pytest.mark.parametrize('shape', SHAPES + LARGE_SHAPES)
 @pytest.mark.parametrize('nm', [(1, 4), (2, 4), (2, 8), (1, 16)])
 @pytest.mark.parametrize('preserve', [0.0, 0.37, 1.0])
-def test_matches_reference(shape, nm, preserve):
+def test_matches_reference(impl, shape, nm, preserve):
     n, m = nm
     if shape[1] % m:
         pytest.skip('channels not divisible')
-    w = torch.randn(shape, generator=torch.Generator().manual_seed(hash((shape, nm)) % 2**31))
-    ours = maxq_mask(w, n, m, preserve)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape) * 31 + n * 7 + m))
+    ours = impl(w, n, m, preserve)
     ref = _reference(w, n, m, preserve)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
@@ -95,3 +106,51 @@ def test_order_stats_both_paths_match_sort_with_ties(k):
     srt = rows.sort(dim=1).values
     v_k, v_k1 = order_stats(rows, k)
     assert torch.equal(v_k.flatten(), srt[:, k - 1]) and torch.equal(v_k1.flatten(), srt[:, k])
+
+
+@pytest.mark.parametrize('shape', SHAPES + LARGE_SHAPES)
+@pytest.mark.parametrize('preserve', [0.0, 0.37])
+def test_kernel_matches_tensor_ops_with_heavy_ties(shape, preserve):
+    # five distinct magnitudes: ties at every block, selection bound and dense-block boundary
+    levels = torch.randint(0, 5, shape, generator=torch.Generator().manual_seed(1)).float()
+    w = levels * 0.25 * torch.where(torch.rand(shape) < 0.5, -1.0, 1.0)
+    for n, m in ((1, 16), (2, 4)):
+        if shape[1] % m == 0:
+            torch.testing.assert_close(maxq_mask(w, n, m, preserve),
+                                       maxq_mask_torch(w, n, m, preserve), rtol=0, atol=1e-6)
+            assert torch.equal(hard_nm_mask(w, n, m, preserve),
+                               hard_nm_mask_torch(w.abs(), n, m, preserve))
+
+
+def test_kernel_selection_exact_when_the_sample_misleads():
+    # Every 16th value of a filter row (the kernel's sample positions) is large, the rest small, so
+    # the sampled bracket misses the k-th smallest and the kernel must fall back to a full selection.
+    w = 0.1 + 0.01 * torch.rand(4, 256, 3, 3)
+    flat = w.view(4, -1)
+    flat[:, ::16] = 1.0 + torch.rand(4, flat[:, ::16].shape[1])
+    torch.testing.assert_close(maxq_mask(w, 1, 16, 0.0), maxq_mask_torch(w, 1, 16, 0.0),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(maxq_mask(w, 1, 16, 0.0), _reference(w, 1, 16, 0.0),
+                               rtol=0, atol=1e-6)
+
+
+def test_kernel_independent_of_thread_count():
+    w = torch.randn(64, 256, 3, 3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = maxq_mask(w, 1, 16, 0.37), hard_nm_mask(w, 2, 4, 0.37)
+        torch.set_num_threads(2)
+        two = maxq_mask(w, 1, 16, 0.37), hard_nm_mask(w, 2, 4, 0.37)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_kernel_rejects_bad_input():
+    with pytest.raises(RuntimeError, match='not divisible by M=16'):
+        torch.ops.mmsparse.nm_mask(torch.randn(4, 24), 1, 16, 0, 0.01, True)
+    with pytest.raises(RuntimeError, match='invalid N:M pattern 4:4'):
+        torch.ops.mmsparse.nm_mask(torch.randn(4, 16), 4, 4, 0, 0.01, True)
+    with pytest.raises(RuntimeError, match='float32 CPU tensor'):
+        torch.ops.mmsparse.nm_mask(torch.randn(4, 16, dtype=torch.float64), 1, 4, 0, 0.01, True)
