@@ -1,10 +1,12 @@
-"""Inference cost of a folded (N:M) detector against its dense original, PyTorch and ONNX Runtime.
+"""Inference cost of a folded (N:M, block-sparse or quantized) detector against its dense original.
 
-Both models run on the same fixed input tensors: the first images of the dense config's test split,
-through its test pipeline and data preprocessor, padded to one batch (images are repeated when the
-split is smaller than the largest batch); batch 1 is the first image of that batch. Two graphs:
+Any checkpoint written by ``tools/fold.py`` works: MaxQ (N:M), SA++ / ACDC (block-sparse) and CGMQ
+(quantized weights stored as floats on their bit grid). Both models run on the same fixed input
+tensors: the first images of the dense config's test split, through its test pipeline and data
+preprocessor, padded to one batch (images are repeated when the split is smaller than the largest
+batch); batch 1 is the first image of that batch. Two graphs:
 
-* ``backbone+neck``: ``model.extract_feat`` (every convolution the N:M layers live in, no
+* ``backbone+neck``: ``model.extract_feat`` (every convolution the compressed layers live in, no
   data-dependent work);
 * ``end2end``: the whole detector with its post-processing, PyTorch ``mode='predict'`` (mmdet's,
   masks pasted into the image) and the mmdeploy end-to-end ONNX graph (mmdeploy's rewritten heads
@@ -14,15 +16,21 @@ split is smaller than the largest batch); batch 1 is the first image of that bat
 Both ONNX graphs of both models are exported into ``--out-dir`` (``backbone+neck`` with
 ``torch.onnx.export``, ``end2end`` with mmdeploy and the same deploy config for both models) and run
 in a plain ``onnxruntime.InferenceSession`` on the CPU provider. PyTorch runs in eval mode under
-``torch.no_grad``. Torch and ONNX Runtime use ``--threads`` intra-op threads (default 1).
+``torch.no_grad``. Torch and ONNX Runtime use ``--threads`` intra-op threads (default 1). Both
+runtimes run every model, folded or not, as dense fp32 convolutions.
 
 For every (runtime, graph, batch): warm-up, then ``--iters`` interleaved rounds (dense, folded;
 folded, dense; ...), the median latency and images/s of each model, the ratio folded / dense of the
 medians, and the quartiles of the per-round ratios (both models of a round saw similar machine load).
 Next to it, the theoretical ratio a sparse kernel could reach: MACs of every conv / deconv / linear
-layer of the folded model in that forward pass, with the layers its checkpoint declares N:M counted at
-N/M of their dense MACs, over the same pass counted dense. The folded weights (as loaded into the
-timed model) are first checked against their declared patterns, and again in both folded ONNX graphs.
+layer of the folded model in that forward pass, with the layers its checkpoint declares sparse counted
+at their density (N/M for an N:M layer; for a block layer, the share of its blocks that are not all
+zero in the folded weights as loaded, which may exceed the declared minimum sparsity), over the same
+pass counted dense. Quantized layers have no zero pattern: they count fully (ratio 1.0 for fp32
+kernels; the fold meta holds their bits but no BOPs), and the plain folded model does not quantize
+their inputs. The folded weights (as loaded into the timed model) are first checked against their
+declared sparsity patterns and quantization grids, and the sparsity patterns again in both folded
+ONNX graphs (the grids are not: the exporter folds batch norm into the convolutions, rescaling them).
 ``--cfg-options`` edits both model configs, e.g. ``model.test_cfg.rcnn.score_thr=0`` makes both
 detectors keep ``max_per_img`` boxes, so the end2end work after the RPN is the same for both.
 Writes ``benchmark_infer.json`` and ``benchmark_infer.png``.
@@ -49,9 +57,9 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, R
 from torch import Tensor, nn
 
 import mmsparse  # noqa: F401  (registers the safe checkpoint loader used for training checkpoints)
-from mmsparse.core import NMPattern, is_nm, verify_state_dict
+from mmsparse.core import BlockPattern, NMPattern, block_sparsity, is_block, is_nm, verify_state_dict
 from mmsparse.export.fold import (FOLD_META_KEY, PatternViolationError, build_model,
-                                  load_plain_checkpoint)
+                                  declared_patterns, load_plain_checkpoint, quant_grid_violations)
 from mmsparse.export.onnx import custom_op_domains, default_deploy_config, export_onnx, verify_onnx
 from mmsparse.utils import atomic_write, write_json
 
@@ -85,27 +93,83 @@ def fixed_batch(cfg: Config, model: nn.Module, size: int) -> Tuple[Tensor, list]
     return data['inputs'], data['data_samples']
 
 
-def nm_patterns(checkpoint: str) -> Dict[str, NMPattern]:
-    """``{layer: NMPattern}`` of the N:M layers declared in a folded checkpoint's meta (none if plain)."""
+def fold_layers(checkpoint: str) -> Dict[str, dict]:
+    """``{layer: fold info}`` recorded in a folded checkpoint's meta (empty for a plain checkpoint)."""
     meta = load_plain_checkpoint(checkpoint).get('meta') or {}
-    layers = (meta.get(FOLD_META_KEY) or {}).get('layers', {})
-    return {name: NMPattern.parse(entry['pattern']) for name, entry in layers.items()
-            if is_nm(entry['pattern'])}
+    return (meta.get(FOLD_META_KEY) or {}).get('layers', {})
 
 
-def check_patterns(model: nn.Module, patterns: Mapping[str, NMPattern]) -> None:
-    """Raise :class:`PatternViolationError` if the weights in ``model`` break their N:M pattern."""
-    violations = verify_state_dict(model.state_dict(), {k: str(p) for k, p in patterns.items()})
+def check_folded(model: nn.Module, layers: Mapping[str, dict]) -> None:
+    """Raise :class:`PatternViolationError` if the weights in ``model`` break a declared pattern.
+
+    Sparsity patterns (N:M, block) and the quantization grids of quantized layers are checked.
+    """
+    state = model.state_dict()
+    violations = verify_state_dict(state, declared_patterns(layers))
+    violations += quant_grid_violations(state, layers)
     if violations:
         raise PatternViolationError(violations)
 
 
+def sparse_layers(model: nn.Module, layers: Mapping[str, dict]) -> Dict[str, dict]:
+    """``{layer: dict(pattern, density[, zero_block_share])}`` of the layers declared N:M or block.
+
+    ``density`` is the share of the layer's MACs a sparse kernel computes: N/M for N:M, and for a
+    block layer one minus ``zero_block_share``, its share of all-zero blocks in ``model``'s weight.
+    """
+    state = model.state_dict()
+    out = {}
+    for name, entry in layers.items():
+        text = entry['pattern']
+        if is_nm(text):
+            pattern = NMPattern.parse(text)
+            out[name] = dict(pattern=text, density=pattern.n / pattern.m)
+        elif is_block(text):
+            share = block_sparsity(state[f'{name}.weight'], BlockPattern.parse(text).size)
+            out[name] = dict(pattern=text, density=1.0 - share, zero_block_share=share)
+    return out
+
+
+def describe(sparse: Mapping[str, dict], quantized: Mapping[str, str],
+             onnx_verified: Mapping[str, dict]) -> List[str]:
+    """Lines saying what the folded checkpoint declares, what was verified and how MACs are counted."""
+    lines = []
+    nm = [v['pattern'] for v in sparse.values() if 'zero_block_share' not in v]
+    blocks = [v for v in sparse.values() if 'zero_block_share' in v]
+    if nm:
+        lines.append(f'{len(nm)} N:M layers ({", ".join(sorted(set(nm)))}), counted at N/M of their MACs')
+    if blocks:
+        declared = [BlockPattern.parse(v['pattern']) for v in blocks]
+        sizes = ', '.join(sorted({f'block{p.size}' for p in declared}))
+        minimum = [p.min_sparsity or 0.0 for p in declared]
+        shares = [v['zero_block_share'] for v in blocks]
+        lines.append(f'{len(blocks)} block layers ({sizes}, declared zero-block share >= '
+                     f'{min(minimum):.4f}-{max(minimum):.4f}), counted at 1 - their zero-block share '
+                     f'in the loaded weights: {min(shares):.4f}-{max(shares):.4f}')
+    if sparse:
+        lines.append('sparsity patterns verified in the loaded weights and in the folded ONNX graphs ('
+                     + ', '.join(f'{graph}: {v["verified"]}/{len(sparse)} layers found'
+                                 for graph, v in onnx_verified.items()) + ')')
+    if quantized:
+        lines.append(f'{len(quantized)} quantized layers ({", ".join(sorted(set(quantized.values())))}): '
+                     'weights verified on their declared grids in the loaded model (not in the ONNX '
+                     'graphs); stored as fp32 with no zero pattern, so counted fully (theoretical '
+                     'ratio 1.0 for fp32 kernels); activations are not quantized in either runtime; '
+                     'the fold meta has per-layer bits but no BOPs, so no BOPs ratio is given')
+    if not (sparse or quantized):
+        lines.append('no sparse or quantized layer declared: every layer counted fully')
+    lines.append('PyTorch and ONNX Runtime on the CPU run both models as dense fp32 convolutions; the '
+                 'theoretical ratio is what a sparse kernel could reach at best')
+    return lines
+
+
 class MacCounter:
-    """MACs of every conv, deconv and linear call while active; N:M layers also counted at N/M.
+    """MACs of every conv, deconv and linear call while active; sparse layers also at their density.
 
     Args:
         model (nn.Module): The model to watch.
-        density (dict): ``{layer name: N/M}`` of the N:M layers; other layers count fully.
+        density (dict): ``{layer name: share of MACs computed}`` of the sparse layers; other layers
+            count fully.
     """
 
     def __init__(self, model: nn.Module, density: Mapping[str, float]) -> None:
@@ -229,7 +293,7 @@ def plot(rows: List[dict], path: str) -> None:
     ax.axhspan(*TARGET, color='tab:green', alpha=0.15, label='target 0.95-1.05')
     ax.bar(labels, [r['ratio'] for r in ok], color='tab:blue', label='measured (folded / dense)')
     ax.plot(labels, [r['theoretical_ratio'] for r in ok], 'k_', markersize=30, mew=2,
-            label='theoretical N:M MAC ratio')
+            label='theoretical MAC ratio (sparse kernel)')
     ax.axhline(1.0, color='k', lw=0.8)
     ax.set_ylim(0, 1.35)
     ax.set_ylabel('folded ÷ dense')
@@ -250,7 +314,7 @@ def _dets(row: dict) -> str:
 def format_table(rows: List[dict]) -> str:
     """Markdown table of the rows (the form used in docs/benchmarks.md)."""
     lines = ['| runtime | graph | batch | dense ms | folded ms | folded ÷ dense | dense img/s | '
-             'folded img/s | paired ratio IQR | GMAC/img | theoretical N:M ratio | '
+             'folded img/s | paired ratio IQR | GMAC/img | theoretical MAC ratio | '
              'dets/img dense, folded |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for r in rows:
@@ -307,9 +371,11 @@ def main(argv=None) -> None:
         folded_cfg.merge_from_dict(args.cfg_options)
     dense = load_detector(dense_cfg, args.dense_checkpoint)
     folded = load_detector(folded_cfg, args.folded_checkpoint)
-    patterns = nm_patterns(args.folded_checkpoint)
-    check_patterns(folded, patterns)
-    density = {name: p.n / p.m for name, p in patterns.items()}
+    layers = fold_layers(args.folded_checkpoint)
+    check_folded(folded, layers)
+    sparse = sparse_layers(folded, layers)
+    density = {name: v['density'] for name, v in sparse.items()}
+    quantized = {name: v['pattern'] for name, v in layers.items() if 'bits_w' in v}
 
     largest = max(args.batch_sizes)
     inputs, samples = fixed_batch(dense_cfg, dense, largest)
@@ -327,10 +393,10 @@ def main(argv=None) -> None:
                                       image, deploy_cfg)}
     onnx_verified = {}
     for graph, path in onnx_files['folded'].items():
-        violations, missing = verify_onnx(path, {k: str(p) for k, p in patterns.items()})
+        violations, missing = verify_onnx(path, {k: v['pattern'] for k, v in sparse.items()})
         if violations:
             raise PatternViolationError(violations)
-        onnx_verified[graph] = dict(verified=len(patterns) - len(missing), missing=missing)
+        onnx_verified[graph] = dict(verified=len(sparse) - len(missing), missing=missing)
     sessions = {name: {g: ort_session(p, args.threads) for g, p in files.items()}
                 for name, files in onnx_files.items()}
 
@@ -362,19 +428,21 @@ def main(argv=None) -> None:
                            dense_img_s=batch / dense_s, folded_img_s=batch / folded_s,
                            dense_times=times[0], folded_times=times[1],
                            gmac_per_img=macs.dense / batch / 1e9,
-                           nm_gmac_per_img=macs.sparse / batch / 1e9,
+                           sparse_gmac_per_img=macs.sparse / batch / 1e9,
                            theoretical_ratio=macs.sparse / macs.dense,
                            dense_dets_per_img=dets[0], folded_dets_per_img=dets[1],
                            within_target=TARGET[0] <= folded_s / dense_s <= TARGET[1])
                 rows.append(row)
 
     table = format_table(rows)
-    print(table)
+    notes = describe(sparse, quantized, onnx_verified)
+    print('\n'.join(notes + ['', table]))
     report = dict(
         dense_config=args.dense_config, dense_checkpoint=args.dense_checkpoint,
         folded_config=args.folded_config, folded_checkpoint=args.folded_checkpoint,
         deploy_config=deploy_cfg, onnx_files=onnx_files, input_shape=list(inputs.shape),
-        nm_layers={k: str(p) for k, p in patterns.items()}, onnx_nm_verified=onnx_verified,
+        sparse_layers=sparse, onnx_verified=onnx_verified,
+        quantized_layers=quantized, notes=notes,
         cfg_options=args.cfg_options, iters=args.iters, warmup=args.warmup, threads=args.threads,
         target=TARGET,
         cpu_count=os.cpu_count(), machine=platform.machine(), torch=torch.__version__,
