@@ -22,6 +22,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..core.ext import use_kernel
+
 BIT_WIDTHS: Tuple[int, ...] = (2, 4, 8, 16, 32)
 GATED_BITS: Tuple[int, ...] = BIT_WIDTHS[1:]  # 2 bits is the floor, gates switch 4, 8, 16, 32 on
 
@@ -108,6 +110,18 @@ def _dot_to(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
     return _sum_to(a * b, shape)
 
 
+def _gate_grads(per_level: Tensor, n_on: int, gates: Tensor) -> Tensor:
+    """Gate gradients from ``Σ grad · ε_l`` of the levels ``1 … n_on`` and the first off one.
+
+    ``d x_q / d z_l = Σ_{k≥l} ε_k`` over the switched-on levels (``z_{l+1} = 0`` after the last on
+    level), ``ε_l`` alone for the first switched-off level, zero beyond.
+    """
+    out = per_level.new_zeros(len(GATED_BITS))
+    out[:n_on] = per_level[:n_on].flip(0).cumsum(0).flip(0)
+    out[n_on:len(per_level)] = per_level[n_on:]
+    return out.to(gates.dtype)
+
+
 class _NestedQuantize(torch.autograd.Function):
     """Fused nested fake-quantization, with the straight-through gradients in closed form.
 
@@ -157,16 +171,61 @@ class _NestedQuantize(torch.autograd.Function):
             if n_on < len(GATED_BITS):  # the first switched-off level, residual of x_q
                 off = _code(x_c.sub_(x_q), s[n_on + 1], n_on + 1, signed)
                 per_level.append((_dot_to(grad, off, beta.shape) * s[n_on + 1]).sum())
-            grad_gates = torch.zeros_like(gates)
-            for level in range(len(per_level), 0, -1):  # z_{l+1} = 0 after the last on level
-                grad_gates[level - 1] = per_level[level - 1] + (
-                    grad_gates[level] if level < n_on else 0)
+            grad_gates = _gate_grads(torch.stack(per_level), n_on, gates)
         grad_x = grad_in if ctx.needs_input_grad[0] else None
         return grad_x, grad_beta, grad_gates, None, None
 
 
+class _NestedQuantizeKernel(torch.autograd.Function):
+    """:class:`_NestedQuantize` as one compiled sweep each way (``csrc/nested_quantize.cpp``).
+
+    Same definition and saved tensors, bit-identical ``x_q`` and gradient to ``x``; the kernel sums
+    the β and gate gradients per channel in double over fixed chunks, so they do not depend on the
+    number of threads.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, beta: Tensor, gates: Tensor, signed: bool,
+                keep_codes: bool) -> Tensor:
+        n_on = _active_levels(gates)
+        x_q, codes = torch.ops.mmsparse.nested_quantize_forward(x, beta, signed, n_on, keep_codes)
+        ctx.signed, ctx.n_on = signed, n_on
+        ctx.save_for_backward(x, beta, gates, x_q, *codes)
+        return x_q
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, beta, gates, x_q, *codes = ctx.saved_tensors
+        need_x, need_beta, need_gates = ctx.needs_input_grad[:3]
+        # sums (channels × (1 + levels), double): Σ grad·x_q − grad_in·x, then Σ grad·code_l of the
+        # gate levels (the on ones and the first switched-off one)
+        grad_x, sums = torch.ops.mmsparse.nested_quantize_backward(
+            grad, x, beta, x_q, codes if need_gates else [], ctx.signed, ctx.n_on, need_x,
+            need_gates)
+        grad_beta = grad_gates = None
+        if need_beta:
+            grad_beta = (sums[:, 0] / beta.reshape(-1)).to(beta.dtype).view_as(beta)
+        if need_gates:
+            span = 2.0 * beta if ctx.signed else beta
+            s = torch.stack(scales(span)).view(len(BIT_WIDTHS), -1)[1:sums.shape[1]]
+            grad_gates = _gate_grads((sums[:, 1:] * s.T).sum(0), ctx.n_on, gates)
+        return grad_x if need_x else None, grad_beta, grad_gates, None, None
+
+
+def _kernel_applies(x: Tensor, beta: Tensor) -> bool:
+    """Whether the compiled kernel serves ``x``: float32 CPU, β per tensor or per first dim."""
+    if not (use_kernel(x) and use_kernel(beta)):
+        return False
+    if beta.numel() == 1:
+        return beta.dim() <= x.dim()
+    return x.dim() > 0 and beta.shape == (x.shape[0],) + (1,) * (x.dim() - 1)
+
+
 def nested_quantize(x: Tensor, beta: Tensor, signed: bool, gates: Tensor) -> Tensor:
     """Fake-quantize ``x`` with the nested decomposition and gates ``[g4, g8, g16, g32]``.
+
+    float32 CPU tensors with β per tensor or per leading channel run the compiled kernel
+    (``mmsparse._ext``); anything else (GPU, float64, other β layouts) runs the tensor ops.
 
     Args:
         x (Tensor): Values to quantize.
@@ -180,7 +239,8 @@ def nested_quantize(x: Tensor, beta: Tensor, signed: bool, gates: Tensor) -> Ten
         switched-off level, whose residual is computed for its gate's gradient only).
     """
     keep_codes = torch.is_grad_enabled() and gates.requires_grad
-    return _NestedQuantize.apply(x, beta, gates, signed, keep_codes)
+    fn = _NestedQuantizeKernel if _kernel_applies(x, beta) else _NestedQuantize
+    return fn.apply(x, beta, gates, signed, keep_codes)
 
 
 def quantize_codes(x: Tensor, beta: Tensor, signed: bool, bits: int) -> Tuple[Tensor, Tensor]:
