@@ -38,8 +38,15 @@ def dense_block_count(weight: Tensor, m: int, preserve: float) -> int:
     return math.floor(preserve * (weight.numel() // m))
 
 
+def check_finite(weight: Tensor) -> None:
+    """Raise ``ValueError`` if ``weight`` holds NaN or inf (no mask can be computed from it)."""
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError('weight holds NaN or inf')
+
+
 def hard_nm_mask_torch(abs_weight: Tensor, n: int, m: int, preserve: float = 0.0) -> Tensor:
     """:func:`hard_nm_mask` with tensor ops, from the magnitudes ``abs_weight``."""
+    check_finite(abs_weight)
     blocks = to_blocks(abs_weight, m)
     hard = hard_nm_mask_blocks(blocks, n)
     n_dense = dense_block_count(abs_weight, m, preserve)
@@ -52,7 +59,8 @@ def hard_nm_mask(weight: Tensor, n: int, m: int, preserve: float = 0.0) -> Tenso
     """Binary mask of ``weight``'s shape keeping the ``n`` largest |w| of every ``m``-block.
 
     The ``floor(preserve·G)`` blocks of smallest L1 norm (summed in float64, so the choice does not
-    depend on summation order) stay fully dense: MaxQ's gradual schedule (SPEC §1.2).
+    depend on summation order) stay fully dense: MaxQ's gradual schedule (SPEC §1.2). Raises
+    ``ValueError`` if the weight holds NaN or inf.
     """
     weight = weight.detach()
     if use_kernel(weight):

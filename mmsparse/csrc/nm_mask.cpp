@@ -12,14 +12,14 @@
 //    magnitude of the row along axis a, k = floor((M - N) / M * row length).
 // Order statistics are exact: a deterministic sample brackets ranks k and k+1, one branch-free sweep
 // counts the values below the bracket and collects those inside it, std::nth_element finishes on the
-// bracket (on the whole row when the bracket misses). The kernel-axis statistics come first (one
-// sweep over the weight); then each output channel is handled while it is in cache: its filter-axis
-// statistics, its hard N:M selection, and the soft value of every kept weight. Results do not depend
-// on the number of threads.
+// bracket (on the whole row when the bracket misses). The kernel-axis statistics and the dense
+// blocks come first (one sweep over the weight each); then each output channel is handled while it
+// is in cache: its filter-axis statistics, its hard N:M selection and S where kept. Results do not depend on the number of threads.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -200,6 +200,34 @@ std::vector<int64_t> smallest_blocks(const std::vector<BlockSum>& sums, int64_t 
   return chosen;
 }
 
+// Per block (numbered like to_blocks), whether it is among the n_dense blocks of smallest L1 norm
+// (summed in double); empty when n_dense = 0.
+std::vector<uint8_t> dense_blocks(const float* x, int64_t O, int64_t I, int64_t K, int64_t m,
+                                  int64_t n_dense) {
+  if (n_dense == 0) return {};
+  const int64_t L = I * K, groups = I / m, G = O * K * groups;
+  std::vector<BlockSum> sums(G);
+  at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> totals(K);
+    for (int64_t o = begin; o < end; ++o) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* slab = x + o * L + g * m * K;
+        std::fill(totals.begin(), totals.end(), 0.0);
+        for (int64_t j = 0; j < m; ++j) {
+          for (int64_t pos = 0; pos < K; ++pos) totals[pos] += std::fabs(slab[j * K + pos]);
+        }
+        for (int64_t pos = 0; pos < K; ++pos) {
+          const int64_t index = (o * K + pos) * groups + g;
+          sums[index] = {totals[pos], index};
+        }
+      }
+    }
+  });
+  std::vector<uint8_t> dense(G, 0);
+  for (const int64_t block : smallest_blocks(sums, n_dense)) dense[block] = 1;
+  return dense;
+}
+
 at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense, double tau,
                    bool soft) {
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat,
@@ -221,60 +249,54 @@ at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_den
   const bool by_kernel_axis = soft && K > 1;
   const std::vector<OrderStats> by_kernel =
       by_kernel_axis ? kernel_stats(x, O, I, K, (m - n) * O * I / m) : std::vector<OrderStats>();
+  const std::vector<uint8_t> dense = dense_blocks(x, O, I, K, m, n_dense);
   std::vector<OrderStats> by_filter(soft ? O : 0);
   const float tau_f = static_cast<float>(tau);
-  // S of a kept weight at flat index t (output channel o, kernel position pos).
-  auto kept_value = [&](int64_t t, int64_t o, int64_t pos) {
-    if (!soft) return 1.0f;
-    const float a = std::fabs(x[t]);
-    float value = 1.0f + soft_score(a, by_filter[o], tau_f);
-    if (by_kernel_axis) value += soft_score(a, by_kernel[pos], tau_f);
-    return value;
-  };
-  std::vector<BlockSum> sums(n_dense > 0 ? G : 0);
 
-  // Per output channel: filter-axis statistics, then the hard N:M selection (per channel group the
-  // m x K slab is read in memory order, then per position n passes of "first maximum of what is
-  // left"), writing S where kept, and the blocks' L1 sums.
+  // Per output channel, while it is in cache: filter-axis statistics, then per channel group the
+  // m x K slab in memory order and per position the kept weights (all of a dense block, else n
+  // passes of "first maximum of what is left"), where S is written.
+  std::atomic<bool> finite{true};
   at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> slab(m * K), buf;
+    bool all_finite = true;
     for (int64_t o = begin; o < end; ++o) {
       if (soft) by_filter[o] = row_stats(x + o * L, L, (m - n) * L / m, buf);
+      auto keep = [&](int64_t t, int64_t pos) {
+        float value = 1.0f;
+        if (soft) {
+          const float a = std::fabs(x[t]);
+          value += soft_score(a, by_filter[o], tau_f);
+          if (by_kernel_axis) value += soft_score(a, by_kernel[pos], tau_f);
+        }
+        s[t] = value;
+      };
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t base = o * L + g * m * K;
         for (int64_t j = 0; j < m; ++j) {
-          for (int64_t pos = 0; pos < K; ++pos) slab[pos * m + j] = std::fabs(x[base + j * K + pos]);
+          for (int64_t pos = 0; pos < K; ++pos) {
+            const float a = std::fabs(x[base + j * K + pos]);
+            all_finite &= a <= std::numeric_limits<float>::max();  // false for NaN and inf
+            slab[pos * m + j] = a;
+          }
         }
         for (int64_t pos = 0; pos < K; ++pos) {
-          float* block = slab.data() + pos * m;
-          if (n_dense > 0) {
-            double total = 0.0;
-            for (int64_t j = 0; j < m; ++j) total += block[j];
-            const int64_t index = (o * K + pos) * groups + g;
-            sums[index] = {total, index};
+          if (!dense.empty() && dense[(o * K + pos) * groups + g]) {
+            for (int64_t j = 0; j < m; ++j) keep(base + j * K + pos, pos);
+            continue;
           }
+          float* block = slab.data() + pos * m;
           for (int64_t t = 0; t < n; ++t) {
             const int64_t j = std::max_element(block, block + m) - block;
-            s[base + j * K + pos] = kept_value(base + j * K + pos, o, pos);
+            keep(base + j * K + pos, pos);
             block[j] = -1.0f;
           }
         }
       }
     }
+    if (!all_finite) finite = false;
   });
-
-  // The n_dense smallest-L1 blocks become dense.
-  if (n_dense > 0) {
-    const std::vector<int64_t> dense = smallest_blocks(sums, n_dense);
-    at::parallel_for(0, dense.size(), 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t block = dense[t];
-        const int64_t g = block % groups, pos = (block / groups) % K, o = block / (groups * K);
-        const int64_t base = o * L + g * m * K + pos;
-        for (int64_t j = 0; j < m; ++j) s[base + j * K] = kept_value(base + j * K, o, pos);
-      }
-    });
-  }
+  TORCH_CHECK_VALUE(finite, "nm_mask: weight holds NaN or inf");
   return out;
 }
 

@@ -1,7 +1,6 @@
 """MaxQHook: drives the N:M masks of MaxQ, SR-STE and one-shot layers from the runner's progress."""
 from typing import List, Tuple
 
-import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
@@ -79,10 +78,12 @@ class MaxQHook(Hook):
     def _refresh(self, runner, preserve: float, first: bool = False) -> None:
         for name, layer in self.sparse_layers(runner):
             if first or layer.recompute_each_step:
-                if layer.is_sparse and not bool(torch.isfinite(layer.weight).all()):
-                    raise FloatingPointError(f'MaxQHook: {name}.weight holds NaN or inf at iteration '
-                                             f'{runner.iter}; refusing to compute an N:M mask from it')
-                layer.refresh_mask(preserve)
+                try:
+                    layer.refresh_mask(preserve)
+                except ValueError as err:  # the only one mask computation raises: NaN/inf weights
+                    raise FloatingPointError(
+                        f'MaxQHook: {name}.weight holds NaN or inf at iteration {runner.iter}; '
+                        'refusing to compute an N:M mask from it') from err
 
     @staticmethod
     def _model(runner) -> nn.Module:

@@ -56,7 +56,10 @@ class NMSparseMixin:
 
     @torch.no_grad()
     def compute_mask(self, preserve: float) -> Tensor:
-        """The mask for the current weights at preserve rate ``preserve`` (pure function)."""
+        """The mask for the current weights at preserve rate ``preserve`` (pure function).
+
+        Raises ``ValueError`` if the weight holds NaN or inf.
+        """
         if self.method == 'maxq':
             return maxq_mask(self.weight, self.pattern.n, self.pattern.m, preserve, self.tau)
         if self.method == 'srste':

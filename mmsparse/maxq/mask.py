@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..core.ext import use_kernel
-from ..core.masks import dense_block_count, hard_nm_mask_torch
+from ..core.masks import check_finite, dense_block_count, hard_nm_mask_torch
 
 
 def order_stats(rows: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -54,6 +54,7 @@ def axis_scores(rows: Tensor, n: int, m: int, tau: float) -> Tensor:
 @torch.no_grad()
 def maxq_mask_torch(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01) -> Tensor:
     """:func:`maxq_mask` with tensor ops (any device)."""
+    check_finite(weight)
     abs_w = weight.detach().abs().float()
     hard = hard_nm_mask_torch(abs_w, n, m, preserve)
     soft = 1.0 + axis_scores(abs_w.reshape(abs_w.shape[0], -1), n, m, tau).reshape(abs_w.shape)
@@ -78,6 +79,9 @@ def maxq_mask(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01
 
     Returns:
         Tensor: ``S`` of ``weight``'s shape with values in ``{0} ∪ [1, 3)``.
+
+    Raises:
+        ValueError: If the weight holds NaN or inf.
     """
     weight = weight.detach()
     if use_kernel(weight):

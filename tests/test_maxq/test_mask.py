@@ -154,3 +154,13 @@ def test_kernel_rejects_bad_input():
         torch.ops.mmsparse.nm_mask(torch.randn(4, 16), 4, 4, 0, 0.01, True)
     with pytest.raises(RuntimeError, match='float32 CPU tensor'):
         torch.ops.mmsparse.nm_mask(torch.randn(4, 16, dtype=torch.float64), 1, 4, 0, 0.01, True)
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+def test_non_finite_weight_is_refused_by_every_path(bad):
+    w = torch.randn(16, 64, 3, 3)
+    w[3, 17, 1, 2] = bad
+    for fn in (lambda: maxq_mask(w, 1, 16, 0.5), lambda: maxq_mask_torch(w, 1, 16, 0.5),
+               lambda: hard_nm_mask(w, 2, 4), lambda: hard_nm_mask_torch(w.abs(), 2, 4)):
+        with pytest.raises(ValueError, match='NaN or inf'):
+            fn()
