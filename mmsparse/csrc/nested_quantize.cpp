@@ -20,9 +20,9 @@
 // The loops vectorize under GCC's default -ftrapping-math on baseline x86-64 (SSE2): no float
 // arithmetic under a condition (GCC would keep branches, which mispredict on data), ceil through a
 // round-to-nearest constant (no SSE4.1 needed), masks as bit operations, sums in fixed lanes; on
-// x86-64 Linux the block functions also get an AVX2 clone, picked at load time. Neither target has
-// FMA, so q * s + x_q is not contracted (a build with -march=native would need -ffp-contract=off to
-// keep x_q bit-identical).
+// x86-64 Linux the block functions also get an AVX2 clone, picked at load time. setup.py builds
+// with -ffp-contract=off, so q * s + x_q is never contracted into an FMA (which would break the
+// bit-identity) whatever the target.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
