@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..core.ext import use_kernel
-from ..core.masks import check_finite, dense_block_count, hard_nm_mask_torch
+from ..core.masks import dense_block_count, hard_nm_mask_torch
 
 
 def order_stats(rows: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -53,8 +53,7 @@ def axis_scores(rows: Tensor, n: int, m: int, tau: float) -> Tensor:
 
 @torch.no_grad()
 def maxq_mask_torch(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01) -> Tensor:
-    """:func:`maxq_mask` with tensor ops (any device)."""
-    check_finite(weight)
+    """:func:`maxq_mask` with tensor ops (any device); the hard mask refuses NaN/inf weights."""
     abs_w = weight.detach().abs().float()
     hard = hard_nm_mask_torch(abs_w, n, m, preserve)
     soft = 1.0 + axis_scores(abs_w.reshape(abs_w.shape[0], -1), n, m, tau).reshape(abs_w.shape)
