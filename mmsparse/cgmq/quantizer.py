@@ -17,7 +17,7 @@ restricted range at 8 bits, zero exactly representable) and an unsigned one ``[0
 Gates are ``z_b = 1[g_b > 0]`` with a straight-through gradient to ``g_b``; nothing is sampled, so
 training and inference quantize identically.
 """
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -122,6 +122,31 @@ def _gate_grads(per_level: Tensor, n_on: int, gates: Tensor) -> Tensor:
     return out.to(gates.dtype)
 
 
+def _quantize_levels(x: Tensor, beta: Tensor, signed: bool, n_on: int,
+                     keep_codes: bool) -> Tuple[Tensor, List[Tensor]]:
+    """``x_q`` over the first ``n_on`` residual levels with tensor ops, and their codes if asked."""
+    x_c = _clip(x, beta, signed)
+    s = scales(2.0 * beta if signed else beta)
+    x_q, codes = None, []
+    for level in range(n_on + 1):
+        code = _code(x_c.clone() if x_q is None else x_c - x_q, s[level], level, signed)
+        if keep_codes and level > 0:
+            codes.append(code.to(_CODE_DTYPES[level - 1]))
+        eps = code.mul_(s[level])
+        x_q = eps if x_q is None else x_q.add_(eps)
+    return x_q, codes
+
+
+def _forward(ctx, quantize: Callable, x: Tensor, beta: Tensor, gates: Tensor, signed: bool,
+             keep_codes: bool) -> Tensor:
+    """Forward of both quantizer Functions: ``quantize`` gives ``(x_q, codes)``; saves for backward."""
+    n_on = _active_levels(gates)
+    x_q, codes = quantize(x, beta, signed, n_on, keep_codes)
+    ctx.signed, ctx.n_on = signed, n_on
+    ctx.save_for_backward(x, beta, gates, x_q, *codes)
+    return x_q
+
+
 class _NestedQuantize(torch.autograd.Function):
     """Fused nested fake-quantization, with the straight-through gradients in closed form.
 
@@ -139,19 +164,7 @@ class _NestedQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, beta: Tensor, gates: Tensor, signed: bool,
                 keep_codes: bool) -> Tensor:
-        n_on = _active_levels(gates)
-        x_c = _clip(x, beta, signed)
-        s = scales(2.0 * beta if signed else beta)
-        x_q, codes = None, []
-        for level in range(n_on + 1):
-            code = _code(x_c.clone() if x_q is None else x_c - x_q, s[level], level, signed)
-            if keep_codes and level > 0:
-                codes.append(code.to(_CODE_DTYPES[level - 1]))
-            eps = code.mul_(s[level])
-            x_q = eps if x_q is None else x_q.add_(eps)
-        ctx.signed, ctx.n_on = signed, n_on
-        ctx.save_for_backward(x, beta, gates, x_q, *codes)
-        return x_q
+        return _forward(ctx, _quantize_levels, x, beta, gates, signed, keep_codes)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -187,11 +200,8 @@ class _NestedQuantizeKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, beta: Tensor, gates: Tensor, signed: bool,
                 keep_codes: bool) -> Tensor:
-        n_on = _active_levels(gates)
-        x_q, codes = torch.ops.mmsparse.nested_quantize_forward(x, beta, signed, n_on, keep_codes)
-        ctx.signed, ctx.n_on = signed, n_on
-        ctx.save_for_backward(x, beta, gates, x_q, *codes)
-        return x_q
+        return _forward(ctx, torch.ops.mmsparse.nested_quantize_forward, x, beta, gates, signed,
+                        keep_codes)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
