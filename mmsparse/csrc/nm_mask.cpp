@@ -73,8 +73,12 @@ struct Bracket {
   int64_t below = 0, size = 0;
   std::vector<float> inside;
 
-  // Room for `count` calls of add(): every call writes one slot and keeps it only when inside.
-  void reserve(int64_t count) { inside.resize(count); }
+  // Empty the bracket with room for `count` calls of add() (every call writes one slot and keeps it
+  // only when inside); the storage only grows, so reusing a bracket costs no allocation.
+  void reset(int64_t count) {
+    below = size = 0;
+    if (static_cast<int64_t>(inside.size()) < count) inside.resize(count);
+  }
 
   inline void add(float v) {
     below += v < lo;
@@ -90,22 +94,23 @@ struct Bracket {
   }
 };
 
-// k-th and (k+1)-th smallest of |row| (contiguous, length len); `buf` is scratch.
-OrderStats row_stats(const float* row, int64_t len, int64_t k, std::vector<float>& buf) {
+// k-th and (k+1)-th smallest of |row| (contiguous, length len); `bracket` and `sample` are scratch
+// reused across rows.
+OrderStats row_stats(const float* row, int64_t len, int64_t k, Bracket& bracket,
+                     std::vector<float>& sample) {
   OrderStats stats;
+  bracket.reset(len);
   if (len >= kMinBracketRow) {
     const int64_t S = sample_size(len);
-    std::vector<float> sample(S);
+    sample.resize(S);
     for (int64_t i = 0; i < S; ++i) sample[i] = std::fabs(row[i * len / S]);
-    Bracket bracket;
     bracket_bounds(sample, len, k, &bracket.lo, &bracket.hi);
-    bracket.reserve(len);
     for (int64_t t = 0; t < len; ++t) bracket.add(std::fabs(row[t]));
     if (bracket.finish(k, &stats)) return stats;
   }
-  buf.resize(len);
-  for (int64_t t = 0; t < len; ++t) buf[t] = std::fabs(row[t]);
-  return select_two(buf.data(), len, k);
+  float* all = bracket.inside.data();
+  for (int64_t t = 0; t < len; ++t) all[t] = std::fabs(row[t]);
+  return select_two(all, len, k);
 }
 
 // Kernel axis: row `pos` is |w[:, :, r, c]| over all O*I weights (stride K in memory). One sweep over
@@ -124,7 +129,7 @@ std::vector<OrderStats> kernel_stats(const float* x, int64_t O, int64_t I, int64
     for (int64_t c = begin; c < end; ++c) {
       const int64_t o0 = O * c / chunks, o1 = O * (c + 1) / chunks;
       std::vector<Bracket>& mine = partial[c];
-      for (Bracket& b : mine) b.reserve((o1 - o0) * I);
+      for (Bracket& b : mine) b.reset((o1 - o0) * I);
       for (const float* src = x + o0 * I * K; src < x + o1 * I * K; src += K) {
         for (int64_t pos = 0; pos < K; ++pos) mine[pos].add(std::fabs(src[pos]));
       }
@@ -134,7 +139,7 @@ std::vector<OrderStats> kernel_stats(const float* x, int64_t O, int64_t I, int64
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
     for (int64_t pos = begin; pos < end; ++pos) {
       Bracket& merged = brackets[pos];
-      merged.reserve(len);
+      merged.reset(len);
       for (const auto& part : partial) {
         const Bracket& p = part[pos];
         std::copy(p.inside.begin(), p.inside.begin() + p.size, merged.inside.begin() + merged.size);
@@ -258,10 +263,11 @@ at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_den
   // passes of "first maximum of what is left"), where S is written.
   std::atomic<bool> finite{true};
   at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> slab(m * K), buf;
+    std::vector<float> slab(m * K), sample;
+    Bracket scratch;
     bool all_finite = true;
     for (int64_t o = begin; o < end; ++o) {
-      if (soft) by_filter[o] = row_stats(x + o * L, L, (m - n) * L / m, buf);
+      if (soft) by_filter[o] = row_stats(x + o * L, L, (m - n) * L / m, scratch, sample);
       auto keep = [&](int64_t t, int64_t pos) {
         float value = 1.0f;
         if (soft) {
