@@ -22,5 +22,6 @@ data: install
 demo: data
 	bash tools/run_demo.sh
 
+# only what the demo made: its work dir and its generated dataset (other work_dirs/ runs stay)
 clean:
-	rm -rf work_dirs
+	rm -rf $(WORK) $(DEMO_DATA)
