@@ -46,54 +46,6 @@ def write_json(path: str, data, indent: int = 2) -> None:
     atomic_write(path, write)
 
 
-def check_config(cfg) -> None:
-    """Pre-flight checks that name the culprit before the runner is built.
-
-    * a ``conv_cfg`` whose layer type is not registered (mmcv's ``build_conv_layer`` reports it as
-      "Cannot find None in registry");
-    * a COCO-style training set without images or annotations (mmengine's dataset serialisation
-      fails on it with "need at least one array to concatenate").
-    """
-    _check_train_annotations(cfg)
-    _check_layer_types(cfg)
-
-
-def _check_train_annotations(cfg) -> None:
-    dataset = cfg.get('train_dataloader', {}).get('dataset', {})
-    ann_file = dataset.get('ann_file')
-    if not ann_file or not str(ann_file).endswith('.json'):
-        return
-    path = os.path.join(dataset.get('data_root') or '', ann_file)
-    if not os.path.isfile(path) or os.path.getsize(path) > 1 << 20:
-        return   # a missing file is reported by the dataset; an empty one is tiny (skip real COCO)
-    with open(path) as f:
-        coco = json.load(f)
-    filter_empty = dataset.get('filter_cfg', {}).get('filter_empty_gt', False)
-    if not coco.get('images') or (filter_empty and not coco.get('annotations')):
-        raise ValueError(f'the training dataset is empty: {path} has {len(coco.get("images", []))} '
-                         f'images and {len(coco.get("annotations", []))} annotations')
-
-
-def _check_layer_types(cfg) -> None:
-    from mmengine.registry import MODELS
-
-    with MODELS.switch_scope_and_registry(cfg.get('default_scope', 'mmdet')) as registry:
-        _walk_conv_cfgs(cfg.get('model', {}), 'model', registry)
-
-
-def _walk_conv_cfgs(node, path: str, registry) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == 'conv_cfg' and isinstance(value, dict) and \
-                    registry.get(value.get('type')) is None:
-                raise KeyError(f'{path}.{key}: unknown layer type {value.get("type")!r} (is the '
-                               "package that registers it in custom_imports?)")
-            _walk_conv_cfgs(value, f'{path}.{key}', registry)
-    elif isinstance(node, (list, tuple)):
-        for idx, value in enumerate(node):
-            _walk_conv_cfgs(value, f'{path}[{idx}]', registry)
-
-
 def init_cpu_dist(launcher: str) -> None:
     """Start the gloo process group for ``--launcher pytorch`` on a machine without CUDA.
 

@@ -1,6 +1,7 @@
 """Catalogue of bad inputs: each fails before training (or at the step where it occurs) with one
 clear message, through the real tools/train.py."""
 import json
+import os
 
 import pytest
 import torch
@@ -12,11 +13,19 @@ CGMQ = 'configs/cgmq/cgmq_mask-rcnn_r18_fpn_demo_w4a4-budget.py'
 SAPP = 'configs/sapp/demo/sapp_mask-rcnn_r18_fpn_b16-70_demo.py'
 
 
-def _train(tiny_coco, tmp_path, base=MAXQ, **updates):
+def _train(tiny_coco, tmp_path, base=MAXQ, args=(), **updates):
     cfg = tiny_config(base, tiny_coco, str(tmp_path / 'wd'), max_iters=2,
                       **{'load_from': None, **updates})
-    proc = run_tool('train.py', [cfg], check=False)
+    proc = run_tool('train.py', [cfg, *args], check=False)
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def _refused_before_work(tiny_coco, tmp_path, message, base=MAXQ, args=(), **updates):
+    """tools/train.py exits 2 with ``error: ...message...``, no traceback, nothing written."""
+    code, log = _train(tiny_coco, tmp_path, base=base, args=args, **updates)
+    assert code == 2 and message in log, log[-3000:]
+    assert 'Traceback' not in log and log.strip().startswith('error: ')
+    assert os.listdir(tmp_path / 'wd') == ['tiny_config.py']
 
 
 def _model_state(tiny_coco, tmp_path):
@@ -37,7 +46,7 @@ CASES = {
     'channels not divisible': (dict(model=dict(
         _delete_=False, backbone=dict(conv_cfg=dict(type='MaxQConv2d', n=1, m=16,
                                                     incompatible='error')))),
-        'cannot take the 1:16 pattern: 3 input channels not divisible by M=16'),
+        'cannot take the 1:16 pattern: the 3-channel stem is dense by rule'),
     'missing checkpoint': (dict(load_from='/nonexistent/dense.pth'), 'does not exist'),
     'two methods on one layer': (dict(model=dict(
         _delete_=True, type='ConvertedModel', model=None,
@@ -115,7 +124,52 @@ def test_empty_dataset(tiny_coco, tmp_path):
     empty = dict(images=[], annotations=[], categories=src['categories'])
     for split in ('train', 'val'):
         (root / 'annotations' / f'instances_{split}.json').write_text(json.dumps(empty))
+        (root / split).mkdir()
     cfg = tiny_config(MAXQ, str(root), str(tmp_path / 'wd'), max_iters=2, load_from=None)
     proc = run_tool('train.py', [cfg], check=False, timeout=300)
     log = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and 'dataset is empty' in log.lower(), log[-3000:]
+    assert proc.returncode == 2 and 'dataset is empty' in log.lower(), log[-3000:]
+
+
+PREFLIGHT_CASES = {
+    'pattern leaving the targets dense': (
+        {'model.backbone.conv_cfg': dict(type='MaxQConv2d', n=2, m=3)},
+        'leaves 20 of the 20 targeted layers dense'),
+    'SA++ block size leaving the targets dense': (
+        {'base': SAPP, 'model.backbone.conv_cfg.block_size': 7}, 'targeted layers dense'),
+    'resume from a missing file': (dict(args=['--resume', '/nonexistent/iter_4.pth']),
+                                   '--resume /nonexistent/iter_4.pth: the checkpoint does not exist'),
+    'unknown hook schedule': (dict(custom_hooks=[dict(type='MaxQHook', schedule='step')]),
+                              'custom_hooks[0] (MaxQHook): unknown preserve-rate schedule'),
+}
+
+
+@pytest.mark.parametrize('name', list(PREFLIGHT_CASES))
+def test_refused_before_work(name, tiny_coco, tmp_path):
+    updates, message = PREFLIGHT_CASES[name]
+    _refused_before_work(tiny_coco, tmp_path, message, **updates)
+
+
+def test_empty_annotation_file_is_named(tiny_coco, tmp_path):
+    root = tmp_path / 'data'
+    (root / 'annotations').mkdir(parents=True)
+    os.symlink(f'{tiny_coco}/train', root / 'train')
+    os.symlink(f'{tiny_coco}/val', root / 'val')
+    (root / 'annotations' / 'instances_train.json').write_bytes(b'')
+    cfg = tiny_config(MAXQ, str(root), str(tmp_path / 'wd'), max_iters=2, load_from=None)
+    proc = run_tool('train.py', [cfg], check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and 'Traceback' not in log, log[-3000:]
+    assert f"annotation file '{root}/annotations/instances_train.json'" in log and '0 bytes' in log
+    assert os.listdir(tmp_path / 'wd') == ['tiny_config.py']
+
+
+def test_resume_in_a_fresh_work_dir_starts_from_load_from(tiny_coco, tmp_path):
+    state = _model_state(tiny_coco, tmp_path)
+    ckpt = tmp_path / 'dense.pth'
+    torch.save(dict(state_dict=state), ckpt)
+    code, log = _train(tiny_coco, tmp_path, args=['--resume'], load_from=str(ckpt))
+    assert code == 0, log[-3000:]
+    assert f'--resume: no checkpoint in {tmp_path / "wd"} yet; starting a new run from ' \
+           f'load_from={ckpt}' in log
+    assert f'Load checkpoint from {ckpt}' in log

@@ -8,7 +8,8 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmsparse  # noqa: F401  registers mmsparse's layers, hooks, optimizer wrappers
-from mmsparse.utils import check_config, init_cpu_dist
+from mmsparse.engine.preflight import check_test, run_or_exit
+from mmsparse.utils import init_cpu_dist
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,9 +44,10 @@ def main() -> None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
 
-    check_config(cfg)
+    report = run_or_exit(check_test, cfg)
     init_cpu_dist(args.launcher)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    report.log(runner.logger)
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults
         if not args.out.endswith(('.pkl', '.pickle')):

@@ -8,7 +8,8 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmsparse  # noqa: F401  registers mmsparse's layers, hooks, optimizer wrappers
-from mmsparse.utils import amp_variant, check_config, init_cpu_dist
+from mmsparse.engine.preflight import check_train, run_or_exit
+from mmsparse.utils import amp_variant, init_cpu_dist
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,16 +56,12 @@ def main() -> None:
             raise RuntimeError('Can not find "auto_scale_lr" or "auto_scale_lr.enable" or '
                                '"auto_scale_lr.base_batch_size" in your configuration file.')
 
-    if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
-    elif args.resume is not None:
-        cfg.resume = True
-        cfg.load_from = args.resume
-
-    check_config(cfg)
+    # Refuse bad input before the runner writes anything; --resume is resolved here (it never drops
+    # load_from silently when the work dir has no checkpoint yet).
+    report = run_or_exit(check_train, cfg, args.resume)
     init_cpu_dist(args.launcher)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    report.log(runner.logger)
     runner.train()
 
 

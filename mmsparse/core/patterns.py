@@ -67,6 +67,8 @@ def nm_incompatibility(module: nn.Module, m: int) -> Optional[str]:
     if getattr(module, 'groups', 1) != 1:
         return f'groups={module.groups}'
     in_channels = weight.shape[1]
+    if weight.dim() == 4 and in_channels == 3:
+        return 'the 3-channel stem is dense by rule'
     if in_channels % m != 0:
         return f'{in_channels} input channels not divisible by M={m}'
     return None

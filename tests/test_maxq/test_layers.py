@@ -14,7 +14,9 @@ def test_build_through_conv_cfg_and_stem_stays_dense():
     conv = build_conv_layer(dict(type='MaxQConv2d', n=1, m=16), 32, 16, 3, padding=1)
     assert isinstance(conv, MaxQConv2d) and isinstance(conv, nn.Conv2d) and conv.is_sparse
     stem = build_conv_layer(dict(type='MaxQConv2d', n=1, m=16), 3, 16, 7)
-    assert not stem.is_sparse and 'not divisible' in stem.dense_reason
+    assert not stem.is_sparse and 'dense by rule' in stem.dense_reason
+    # SPEC §1: the stem stays dense even where the pattern would fit its 3 channels
+    assert not build_conv_layer(dict(type='MaxQConv2d', n=2, m=3), 3, 16, 7).is_sparse
     with pytest.raises(ValueError, match='cannot take the 1:16 pattern'):
         build_conv_layer(dict(type='MaxQConv2d', n=1, m=16, incompatible='error'), 3, 16, 7)
     with pytest.raises(ValueError, match='1 <= N < M'):

@@ -1,0 +1,322 @@
+"""Pre-flight checks of ``tools/train.py`` and ``tools/test.py``.
+
+Inputs that would fail deep inside the runner, or worse train a silently wrong model, are refused
+with one message that names the file, the layer or the setting, before the runner creates anything
+on disk: missing or empty data, a ``--resume`` with nothing to resume, a checkpoint that cannot be
+loaded or holds NaN/inf, a compression pattern that leaves most targeted layers dense. Facts that
+change the run without being errors (frozen compressed layers, a fresh start under ``--resume``)
+come back as notes for the runner's log.
+
+Settings, in the config (all optional)::
+
+    preflight = dict(max_dense_share=0.5)   # refuse when more targeted layers stay dense
+"""
+import json
+import os.path as osp
+import sys
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from mmengine.config import Config
+
+#: annotation files up to this size are parsed (tiny and custom sets); COCO itself is only opened
+_PARSE_LIMIT = 64 << 20
+_DOWNLOAD_SCHEMES = ('torchvision://', 'open-mmlab://', 'openmmlab://', 'mmcls://', 'mmpretrain://',
+                     'http://', 'https://')
+
+
+class PreflightError(ValueError):
+    """The configuration or its inputs cannot give a correct run; the message says why."""
+
+
+@dataclass
+class PreflightReport:
+    """What the checks found that is worth a line in the log (nothing here is an error)."""
+
+    notes: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+
+    def log(self, logger) -> None:
+        """Write the notes and warnings to ``logger`` (an :class:`~mmengine.logging.MMLogger`)."""
+        for line in self.notes:
+            logger.info(f'pre-flight: {line}')
+        for line in self.warnings:
+            logger.warning(f'pre-flight: {line}')
+
+
+# -- resume -----------------------------------------------------------------------------------------
+def resolve_resume(cfg: Config, resume: Optional[str], report: PreflightReport) -> None:
+    """Apply ``--resume [PATH]`` to ``cfg`` without ever dropping ``load_from`` silently.
+
+    ``--resume`` alone resumes from the work dir's latest checkpoint; when there is none yet (the
+    first launch of a job that is always started with ``--resume``), the run starts fresh from the
+    config's ``load_from``, and the report says so. ``--resume PATH`` must name an existing file.
+    """
+    if resume is None:
+        return
+    if resume != 'auto':
+        if '://' not in resume and not osp.isfile(resume):
+            raise PreflightError(f'--resume {resume}: the checkpoint does not exist')
+        cfg.resume, cfg.load_from = True, resume
+        return
+    from mmengine.runner import find_latest_checkpoint
+    latest = find_latest_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
+    if latest is not None:
+        cfg.resume, cfg.load_from = True, latest
+        report.notes.append(f'--resume: resuming from {latest}, the latest checkpoint in '
+                            f'{cfg.work_dir}')
+        return
+    cfg.resume = False
+    start = f'from load_from={cfg.load_from}' if cfg.get('load_from') else 'from the initial weights'
+    report.notes.append(f'--resume: no checkpoint in {cfg.work_dir} yet; starting a new run {start}')
+
+
+# -- data -------------------------------------------------------------------------------------------
+def _datasets(node, path: str) -> Iterator[Tuple[str, dict]]:
+    """Every dataset config with an ``ann_file`` inside ``node`` (wrappers such as RepeatDataset)."""
+    if isinstance(node, dict):
+        if node.get('ann_file'):
+            yield path, node
+        for key in ('dataset', 'datasets'):
+            if key in node:
+                yield from _datasets(node[key], f'{path}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for idx, item in enumerate(node):
+            yield from _datasets(item, f'{path}[{idx}]')
+
+
+def _join(root: str, path: str) -> str:
+    return path if not root or osp.isabs(path) or '://' in path else osp.join(root, path)
+
+
+def check_data(cfg: Config, splits: List[str]) -> None:
+    """The data root, image folder and annotation file of each split exist and hold samples."""
+    for split in splits:
+        loader = cfg.get(split)
+        if not loader:
+            continue
+        for path, dataset in _datasets(loader.get('dataset', {}), f'{split}.dataset'):
+            root = dataset.get('data_root') or ''
+            if root and '://' not in root and not osp.isdir(root):
+                raise PreflightError(
+                    f'data root {root!r} ({path}.data_root) does not exist: put the dataset there '
+                    f'(COCO layout: annotations/, train2017/, val2017/) or point the config at your '
+                    f'copy, e.g. --cfg-options {path}.data_root=/path/to/coco/')
+            img = (dataset.get('data_prefix') or {}).get('img')
+            if img and not osp.isdir(_join(root, img)):
+                raise PreflightError(f'image folder {_join(root, img)!r} ({path}.data_prefix.img) '
+                                     'does not exist')
+            _check_annotations(_join(root, dataset['ann_file']), path, dataset,
+                               train=split == 'train_dataloader')
+        evaluator = cfg.get(split.replace('_dataloader', '_evaluator'))
+        for idx, metric in enumerate(evaluator if isinstance(evaluator, (list, tuple)) else [evaluator]):
+            ann = metric.get('ann_file') if isinstance(metric, dict) else None
+            if ann and '://' not in ann and not osp.isfile(ann):
+                name = split.replace('_dataloader', '_evaluator')
+                raise PreflightError(f'annotation file {ann!r} ({name}.ann_file) does not exist')
+
+
+def _check_annotations(ann: str, path: str, dataset: dict, train: bool) -> None:
+    if '://' in ann:
+        return
+    if not osp.isfile(ann):
+        raise PreflightError(f'annotation file {ann!r} ({path}.ann_file) does not exist')
+    size = osp.getsize(ann)
+    if size == 0:
+        raise PreflightError(f'annotation file {ann!r} ({path}.ann_file) is empty (0 bytes)')
+    if not ann.endswith('.json') or size > _PARSE_LIMIT:
+        return
+    try:
+        with open(ann) as f:
+            coco = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PreflightError(f'annotation file {ann!r} ({path}.ann_file) is not valid JSON: '
+                             f'{err}') from err
+    if not isinstance(coco, dict) or not coco.get('images'):
+        raise PreflightError(f'the dataset is empty: annotation file {ann!r} ({path}.ann_file) '
+                             'lists no images')
+    classes = (dataset.get('metainfo') or {}).get('classes')
+    categories = {c.get('id'): c.get('name') for c in coco.get('categories', [])}
+    if classes:
+        kept = {cid for cid, name in categories.items() if name in set(classes)}
+        if not kept:
+            raise PreflightError(
+                f'the dataset is empty after class filtering: none of the {len(classes)} classes '
+                f'of {path}.metainfo.classes (e.g. {list(classes)[:3]}) is a category of {ann!r} '
+                f'(its categories: {sorted(map(str, categories.values()))[:5]})')
+    else:
+        kept = set(categories)
+    filter_empty = (dataset.get('filter_cfg') or {}).get('filter_empty_gt', False)
+    if train and filter_empty and not any(a.get('category_id') in kept
+                                          for a in coco.get('annotations', [])):
+        raise PreflightError(
+            f'the training dataset is empty: {ann!r} has {len(coco["images"])} images but no '
+            'annotation of the configured classes, and filter_empty_gt=True drops every image')
+
+
+# -- weights ----------------------------------------------------------------------------------------
+def _init_checkpoints(node, path: str) -> Iterator[Tuple[str, str]]:
+    if isinstance(node, dict):
+        if node.get('type') == 'Pretrained' and isinstance(node.get('checkpoint'), str):
+            yield f'{path}.checkpoint', node['checkpoint']
+        for key, value in node.items():
+            yield from _init_checkpoints(value, f'{path}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for idx, item in enumerate(node):
+            yield from _init_checkpoints(item, f'{path}[{idx}]')
+
+
+def check_init_weights(cfg: Config) -> None:
+    """Pretrained weights of ``init_cfg`` can be loaded: local files exist, ``torchvision://`` has
+    torchvision (mmengine resolves those names through it)."""
+    for path, ckpt in _init_checkpoints(cfg.get('model', {}), 'model'):
+        if ckpt.startswith('torchvision://'):
+            try:
+                import torchvision  # noqa: F401
+            except ImportError:
+                raise PreflightError(
+                    f'{path}={ckpt!r} needs torchvision, which is not installed (the CPU install '
+                    'leaves it out, see README): download the weights once and set '
+                    f'{path} to the local file') from None
+        elif not ckpt.startswith(_DOWNLOAD_SCHEMES) and not osp.isfile(ckpt):
+            raise PreflightError(f'{path}={ckpt!r}: the file does not exist')
+
+
+def check_checkpoint(filename: str, what: str) -> None:
+    """A local checkpoint loads (through mmsparse's safe loader) and every float tensor is finite."""
+    if '://' in filename:
+        return
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from ..compat import UnsafeCheckpointError
+    if not osp.isfile(filename):
+        raise PreflightError(f'{what}: checkpoint {filename!r} does not exist')
+    try:
+        ckpt = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
+    except (RuntimeError, UnsafeCheckpointError, OSError) as err:
+        raise PreflightError(f'{what}: {err}') from err
+    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}
+    bad = [(k, int((~torch.isfinite(v)).sum()), v.numel()) for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        listed = '; '.join(f'{k} holds NaN or inf ({n} of {total} values)' for k, n, total in bad[:3])
+        raise PreflightError(f'{what} {filename!r}: {listed}'
+                             f'{f"; and {len(bad) - 3} more tensors" if len(bad) > 3 else ""}. '
+                             'Refusing to start from non-finite weights (a diverged run?)')
+
+
+# -- compression ------------------------------------------------------------------------------------
+def check_compression(cfg: Config, report: PreflightReport) -> None:
+    """Build the model once on CPU and inspect its compressed layers.
+
+    Refuses a pattern that leaves more than ``preflight.max_dense_share`` of the targeted layers
+    dense (e.g. 2:3 on channels that are multiples of 16); reports compressed layers whose weights
+    are frozen (``frozen_stages``): their pattern is applied once to the loaded weights and never
+    trained.
+    """
+    from mmengine.registry import MODELS, init_default_scope
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    try:
+        model = MODELS.build(cfg.model)
+    except ValueError as err:   # config errors of the layers and the converter (invalid N:M, ...)
+        raise PreflightError(f'model: {err}') from err
+    layers = [(name, module) for name, module in model.named_modules() if hasattr(module, 'fold_info')]
+    if not layers:
+        return
+    infos = {name: module.fold_info() for name, module in layers}
+    dense = [(name, info.get('reason')) for name, info in infos.items() if info['pattern'] == 'dense']
+    limit = float((cfg.get('preflight') or {}).get('max_dense_share', 0.5))
+    if len(dense) > limit * len(layers):
+        examples = '; '.join(f'{name}: {reason}' for name, reason in dense[:3])
+        raise PreflightError(
+            f'the compression pattern leaves {len(dense)} of the {len(layers)} targeted layers '
+            f'dense ({examples}): the model would train and deploy (nearly) uncompressed. Choose '
+            'a pattern the layers can take (N:M with M dividing their input channels, e.g. 1:16 '
+            'or 2:4; a block size dividing their dimensions), or accept it with '
+            f'preflight=dict(max_dense_share={len(dense) / len(layers):.2f})')
+    frozen = [name for name, module in layers if infos[name]['pattern'] != 'dense'
+              and isinstance(getattr(module, 'weight', None), torch.nn.Parameter)
+              and not module.weight.requires_grad]
+    if frozen:
+        report.warnings.append(
+            f'{len(frozen)} compressed layers are frozen (requires_grad=False, e.g. by the '
+            f'backbone\'s frozen_stages): {", ".join(frozen[:4])}{", ..." if len(frozen) > 4 else ""}. '
+            'Their pattern is applied to the loaded weights and they are never trained, so pruned '
+            'weights cannot recover; set frozen_stages=0 to fine-tune them, or leave them out of '
+            'the conversion to keep them dense')
+    if dense:
+        report.notes.append(f'{len(dense)} of {len(layers)} targeted layers stay dense: '
+                            + '; '.join(f'{name}: {reason}' for name, reason in dense[:4])
+                            + ('; ...' if len(dense) > 4 else ''))
+    del model
+
+
+def check_hooks(cfg: Config) -> None:
+    """Build each custom hook once, so its argument checks (schedules, budgets, phases) fail here."""
+    import copy
+
+    from mmengine.registry import HOOKS
+    for idx, hook in enumerate(cfg.get('custom_hooks') or []):
+        try:
+            HOOKS.build(copy.deepcopy(hook))
+        except ValueError as err:
+            raise PreflightError(f'custom_hooks[{idx}] ({hook.get("type")}): {err}') from err
+
+
+def check_train(cfg: Config, resume: Optional[str]) -> PreflightReport:
+    """Every pre-flight check of ``tools/train.py``; edits ``cfg`` for ``--resume`` (see
+    :func:`resolve_resume`)."""
+    report = PreflightReport()
+    resolve_resume(cfg, resume, report)
+    check_data(cfg, ['train_dataloader', 'val_dataloader'])
+    check_layer_types(cfg)
+    check_hooks(cfg)
+    check_init_weights(cfg)
+    if cfg.get('load_from'):
+        check_checkpoint(cfg.load_from, '--resume' if cfg.get('resume') else 'load_from')
+    check_compression(cfg, report)
+    return report
+
+
+def check_test(cfg: Config) -> PreflightReport:
+    """Every pre-flight check of ``tools/test.py`` (the checkpoint is ``cfg.load_from``)."""
+    report = PreflightReport()
+    check_data(cfg, ['test_dataloader'])
+    check_layer_types(cfg)
+    check_checkpoint(cfg.load_from, 'checkpoint')
+    return report
+
+
+def check_layer_types(cfg: Config) -> None:
+    """Every ``conv_cfg`` layer type is registered (mmcv reports it as "Cannot find None")."""
+    from mmengine.registry import MODELS
+    with MODELS.switch_scope_and_registry(cfg.get('default_scope', 'mmdet')) as registry:
+        _walk_conv_cfgs(cfg.get('model', {}), 'model', registry)
+
+
+def _walk_conv_cfgs(node, path: str, registry) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == 'conv_cfg' and isinstance(value, dict) and \
+                    registry.get(value.get('type')) is None:
+                raise PreflightError(f'{path}.{key}: unknown layer type {value.get("type")!r} (is '
+                                     'the package that registers it in custom_imports?)')
+            _walk_conv_cfgs(value, f'{path}.{key}', registry)
+    elif isinstance(node, (list, tuple)):
+        for idx, value in enumerate(node):
+            _walk_conv_cfgs(value, f'{path}[{idx}]', registry)
+
+
+def run_or_exit(check, *args) -> PreflightReport:
+    """Run a check; on :class:`PreflightError` print ``error: <message>`` and exit with status 2."""
+    try:
+        return check(*args)
+    except PreflightError as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
+
+
+__all__ = ['PreflightError', 'PreflightReport', 'check_train', 'check_test', 'resolve_resume',
+           'check_data', 'check_checkpoint', 'check_compression', 'check_init_weights',
+           'check_layer_types', 'check_hooks', 'run_or_exit']
