@@ -9,6 +9,7 @@ from mmengine.registry import HOOKS
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..core.finite import ADVICE_DIVERGED, ADVICE_LOADED, check_finite, layer_tensors
 from ..core.report import format_report, model_report
 from ..utils import differing_across_ranks
 from .layers import BlockSparseMixin
@@ -40,6 +41,11 @@ class SequentialAttentionHook(Hook):
       every step so momentum and weight decay cannot move them); logits frozen in SPARSE phases.
 
     Every step is idempotent given the support, which is what makes a resumed run identical.
+
+    Before setting a state (in ``before_train``, after checkpoint loading, and after every step) the
+    weights and logits of every layer of these methods (dense-by-rule and frozen ones included) are
+    checked for NaN/inf; a bad tensor stops training with a ``FloatingPointError`` naming it
+    (:func:`mmsparse.core.check_finite`).
 
     Args:
         sparsity (float): Target share of pruned blocks per layer, in (0, 1). Defaults to 0.9.
@@ -166,6 +172,39 @@ class SequentialAttentionHook(Hook):
         layers = [layer for _, layer in self.block_layers(runner)]
         return 'SA++' if any(layer.uses_attention for layer in layers) else 'ACDC/one-shot block'
 
+    def _check_finite(self, runner, advice: str) -> None:
+        """Raise ``FloatingPointError`` naming layers with NaN/inf weights or logits."""
+        layers = [(n, m) for n, m in self._model(runner).named_modules()
+                  if isinstance(m, BlockSparseMixin)]
+        check_finite(type(self).__name__, layer_tensors(layers, ('weight', 'block_logits')),
+                     runner.iter, advice)
+
+    def _no_layer_message(self, runner) -> str:
+        """Why :meth:`block_layers` is empty: no block-sparse layer, or all dense / frozen."""
+        present = [(n, m) for n, m in self._model(runner).named_modules()
+                   if isinstance(m, BlockSparseMixin)]
+        if not present:
+            return ('SequentialAttentionHook found no block-sparse layer: set conv_cfg to '
+                    'SAPPConv2d / MagnitudeBlockConv2d or use ConvertedModel')
+        types = '/'.join(sorted({type(m).__name__ for _, m in present}))
+        dense = [(n, m.dense_reason) for n, m in present if not m.is_sparse]
+        frozen = self.frozen_layers(runner)
+        causes, hints = [], []
+        if dense:
+            examples = '; '.join(f'{n}: {reason}' for n, reason in dense[:3])
+            more = '; ...' if len(dense) > 3 else ''
+            causes.append(f'{len(dense)} stayed dense ({examples}{more})')
+            hints.append('a layer is tiled only when both sides of its 2-D weight view '
+                         '(O x kh*kw*I) are multiples of block_size and it has at least min_blocks '
+                         'blocks: choose a block_size that divides the layer dims (e.g. 8 or 16) or '
+                         'lower min_blocks')
+        if frozen:
+            more = ', ...' if len(frozen) > 3 else ''
+            causes.append(f'{len(frozen)} are frozen ({", ".join(frozen[:3])}{more})')
+            hints.append('frozen layers (requires_grad=False, e.g. frozen_stages) stay unpruned')
+        return (f'SequentialAttentionHook: the model has {len(present)} {types} layers but none can '
+                f'be pruned: {" and ".join(causes)}; {"; ".join(hints)}')
+
     def _check_ddp(self, runner) -> None:
         """SA++ logits get no gradient in SPARSE phases; plain DDP then fails at the next step."""
         model = runner.model
@@ -226,9 +265,7 @@ class SequentialAttentionHook(Hook):
         """Check the set-up, resolve per-layer targets and set the state of the first iteration."""
         layers = self.block_layers(runner)
         if not layers:
-            raise RuntimeError('SequentialAttentionHook found no block-sparse layer: set conv_cfg to '
-                               'SAPPConv2d / MagnitudeBlockConv2d or use ConvertedModel (layers with '
-                               'fewer than min_blocks blocks stay dense)')
+            raise RuntimeError(self._no_layer_message(runner))
         names = [n for n, _ in layers]
         unused = [p for p in self.sparsity_overrides if not any(re.fullmatch(p, n) for n in names)]
         if unused:
@@ -245,6 +282,7 @@ class SequentialAttentionHook(Hook):
         if frozen:
             runner.logger.warning(f'SequentialAttentionHook: {len(frozen)} frozen block-sparse layers '
                                   f'stay unpruned (requires_grad=False): {frozen}')
+        self._check_finite(runner, f'refusing to select blocks: {ADVICE_LOADED}')
         phase = self.apply(runner, runner.iter)
         self._check_ranks(runner, f'at the start (iteration {runner.iter})')
         unit = 'epochs' if self.by_epoch else 'iterations'
@@ -258,6 +296,7 @@ class SequentialAttentionHook(Hook):
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         """Set the state of the next iteration (the final sparse one after the last) and log."""
         nxt = runner.iter + 1
+        self._check_finite(runner, ADVICE_DIVERGED)
         self.apply(runner, nxt)
         last = nxt >= runner.max_iters
         if last or self.every_n_train_iters(runner, self.interval):
