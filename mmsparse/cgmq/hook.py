@@ -8,6 +8,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from torch.utils.data import DataLoader, Subset
 
+from ..core.finite import ADVICE_DIVERGED, ADVICE_LOADED, check_finite, layer_tensors
 from ..utils import differing_across_ranks
 from .bops import (bit_histogram, check_budget_args, cgmq_layers, format_bops_report,
                    full_precision_bops, resolve_budget, total_bops, trace_macs, unwrap)
@@ -16,6 +17,9 @@ from .quantizer import GATED_BITS
 
 # per-layer state that must be identical on every rank under DDP
 _RANK_STATE = ('weight_gate', 'act_gate', 'weight_range', 'act_range', 'act_signed', 'calibrated')
+# trained tensors checked for NaN/inf; the gates (read by every BOPs count) also after every step
+_FINITE_STATE = ('weight', 'weight_range', 'act_range', 'weight_gate', 'act_gate')
+_GATES = ('weight_gate', 'act_gate')
 
 
 def greedy_reduction(layers: Sequence[Tuple[str, CGMQMixin]], budget: int) -> List[dict]:
@@ -81,6 +85,11 @@ class CGMQHook(Hook):
     Under DDP, after calibration and at every log interval, the gates, ranges and range flags of all
     ranks are compared bit-for-bit and a difference raises an error naming the tensors.
 
+    NaN/inf (:func:`mmsparse.core.check_finite`, a ``FloatingPointError`` naming the tensor): weights,
+    ranges and gates are checked in ``before_train`` before calibration (a NaN checkpoint is refused
+    before the first iteration) and at every log interval and the last iteration; the gates, which
+    every BOPs count reads, after every step.
+
     Args:
         budget_relative (float, optional): Budget as a share of the 32/32-bit BOPs of the CGMQ
             layers, e.g. ``(4 * 4) / (32 * 32)``. Defaults to None.
@@ -120,6 +129,11 @@ class CGMQHook(Hook):
 
     def _bops(self, runner) -> int:
         return total_bops(layer for _, layer in self._layers(runner))
+
+    def _check_finite(self, runner, attrs: Sequence[str], advice: str) -> None:
+        """Raise ``FloatingPointError`` naming CGMQ layers whose ``attrs`` hold NaN/inf."""
+        check_finite(type(self).__name__, layer_tensors(self._layers(runner), attrs), runner.iter,
+                     advice)
 
     def _status(self, runner) -> str:
         bops = self._bops(runner)
@@ -220,7 +234,9 @@ class CGMQHook(Hook):
                 'checkpoint on every rank, data-dependent initialisation reduced across ranks)')
 
     def before_train(self, runner) -> None:
-        """Calibrate (fresh start only), bind the optimizer wrapper, log the starting point."""
+        """Check for NaN/inf, calibrate (fresh start only), bind the optimizer wrapper, log."""
+        self._check_finite(runner, _FINITE_STATE,
+                           f'refusing to calibrate or train: {ADVICE_LOADED}')
         done = self.calibrate(runner) if self.calib_batches > 0 else 0
         if done:
             runner.logger.info(f'CGMQHook: calibrated ranges of {done} layers on '
@@ -248,12 +264,14 @@ class CGMQHook(Hook):
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         """Log BOPs vs budget; enforce the budget after the last iteration."""
         last = runner.iter + 1 >= runner.max_iters
+        logs = last or self.every_n_train_iters(runner, self.interval)
+        self._check_finite(runner, _FINITE_STATE if logs else _GATES, ADVICE_DIVERGED)
         bops = self._bops(runner)
         self.trajectory.append((runner.iter + 1, bops))
         if last:
             self.enforce_budget(runner)
             bops = self._bops(runner)
-        if last or self.every_n_train_iters(runner, self.interval):
+        if logs:
             self._check_ranks(runner, f'at iteration {runner.iter + 1}')
             hub = runner.message_hub
             hub.update_scalar('train/cgmq_bops_rel', bops / self.full)
