@@ -12,7 +12,8 @@ Verify any checkpoint without writing (patterns from its fold meta, or given)::
     python tools/fold.py --verify CHECKPOINT --patterns-json layers.json   # {"layer": "2:4", ...}
 
 Exit status: 0 on success, 1 when a layer breaks its declared pattern (the message names the layer and
-block), 2 on usage errors.
+block) or a tensor holds NaN/inf (named, with the count; folding then writes nothing), 2 on usage
+errors.
 """
 import argparse
 import json
@@ -84,13 +85,13 @@ def main(argv=None) -> int:
         if violations:
             print(str(PatternViolationError(violations)), file=sys.stderr)
             return 1
-        print(f'OK: {args.verify} satisfies its declared patterns')
+        print(f'OK: {args.verify} satisfies its declared patterns and holds no NaN/inf')
         return 0
 
     try:
         result = fold_checkpoint(args.config, args.checkpoint, args.out_dir, args.cfg_options,
                                  out_name=args.name)
-    except PatternViolationError as err:
+    except (PatternViolationError, FloatingPointError) as err:
         print(f'refused to fold {args.checkpoint}: {err}', file=sys.stderr)
         return 1
     print(format_report(result.report))

@@ -34,6 +34,7 @@ from mmengine.config import Config
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch import Tensor, nn
 
+from ..core.finite import NonFinite, check_finite, find_nonfinite
 from ..core.report import LayerStat, Violation, format_report, verify_state_dict
 from ..utils import atomic_write
 from ..version import __version__
@@ -44,15 +45,19 @@ _PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 
 class PatternViolationError(ValueError):
-    """Folded weights break the N:M pattern their layer declares."""
+    """Folded weights break the pattern their layer declares (or hold NaN/inf)."""
 
-    def __init__(self, violations: List[Violation]) -> None:
+    def __init__(self, violations: List[Union[Violation, 'GridViolation', NonFinite]]) -> None:
         self.violations = violations
         lines = '\n  '.join(str(v) for v in violations[:20])
         more = f'\n  ... and {len(violations) - 20} more' if len(violations) > 20 else ''
+        nonfinite = sum(isinstance(v, NonFinite) for v in violations)
+        broken = len(violations) - nonfinite
         what = ('block(s)' if all(not isinstance(v, GridViolation) for v in violations)
                 else 'block(s) / quantized layer(s)')
-        super().__init__(f'{len(violations)} {what} break their declared pattern:\n  {lines}{more}')
+        heads = ([f'{nonfinite} tensor(s) hold NaN/inf'] if nonfinite else []) + (
+            [f'{broken} {what} break their declared pattern'] if broken else [])
+        super().__init__(f'{"; ".join(heads)}:\n  {lines}{more}')
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -390,7 +395,15 @@ def load_source_checkpoint(model: nn.Module, path: str) -> dict:
 
 def fold_model(model: nn.Module, source_meta: Optional[dict] = None, source_sha256: str = '',
                source_name: str = '') -> Tuple[dict, Dict[str, dict]]:
-    """Fold ``model`` into a verified plain checkpoint dict (see module docstring)."""
+    """Fold ``model`` into a verified plain checkpoint dict (see module docstring).
+
+    Raises:
+        FloatingPointError: a parameter or buffer of ``model`` holds NaN/inf (named, with the count
+            of bad values; e.g. a checkpoint of a diverged run).
+        PatternViolationError: a folded layer breaks its declared pattern.
+    """
+    check_finite('fold', model, advice='refusing to fold a model with NaN/inf (a diverged run?): '
+                 'fold a checkpoint from before the divergence')
     state, layers = fold_state_dict(model)
     verify_folded(state, declared_patterns(layers))
     grid = quant_grid_violations(state, layers)
@@ -421,6 +434,7 @@ def fold_checkpoint(config: Union[str, Config], checkpoint: str, out_dir: Option
             ``_folded``.
 
     Raises:
+        FloatingPointError: the checkpoint holds NaN/inf (:func:`fold_model`); nothing is written.
         PatternViolationError: a folded layer breaks its declared pattern; nothing is written.
     """
     cfg = Config.fromfile(config) if isinstance(config, str) else copy.deepcopy(config)
@@ -451,14 +465,15 @@ def load_plain_checkpoint(path: str) -> dict:
 
 
 def verify_checkpoint(path: str, patterns: Optional[Mapping[str, str]] = None
-                      ) -> Tuple[List[Union[Violation, GridViolation]], List[LayerStat]]:
+                      ) -> Tuple[List[Union[NonFinite, Violation, GridViolation]], List[LayerStat]]:
     """Check a checkpoint against ``{layer: pattern}`` (default: the patterns in its fold meta).
 
     Checkpoints still carrying masks are checked on their stored ``weight`` tensors, i.e. as if they
     were folded: verify the output of :func:`fold_checkpoint`, or give explicit patterns.
 
     Quantized layers (``'w4a8'``-style patterns) are checked against the grid recorded in the
-    fold meta (:func:`quant_grid_violations`).
+    fold meta (:func:`quant_grid_violations`). Every floating-point tensor is checked for NaN/inf;
+    those holding some come first in the violations, as :class:`~mmsparse.core.NonFinite`.
 
     Returns:
         tuple: ``(violations, report rows)``.
@@ -476,7 +491,8 @@ def verify_checkpoint(path: str, patterns: Optional[Mapping[str, str]] = None
         layers = meta['layers']
     else:
         layers = {name: dict(pattern=p) for name, p in patterns.items()}
-    violations = verify_state_dict(state, declared_patterns(layers))
+    violations = find_nonfinite(state)
+    violations += verify_state_dict(state, declared_patterns(layers))
     violations += quant_grid_violations(state, layers)
     return violations, state_dict_report(state, layers)
 
