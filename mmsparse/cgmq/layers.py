@@ -34,6 +34,9 @@ class CGMQMixin:
     """
 
     method = 'cgmq'
+    #: state added to the plain torch layer (shared code compares checkpoints by these names)
+    compression_state = ('weight_range', 'act_range', 'weight_gate', 'act_gate', 'act_signed',
+                         'calibrated')
     weight: nn.Parameter
 
     def _init_cgmq(self, bits_w: int, bits_a: int, per_channel: bool, act_signed: Optional[bool],

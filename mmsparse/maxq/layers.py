@@ -27,6 +27,8 @@ class NMSparseMixin:
     """
 
     method: str = ''
+    #: state added to the plain torch layer (shared code compares checkpoints by these names)
+    compression_state = ('mask',)
     weight: nn.Parameter
     mask: Tensor
 

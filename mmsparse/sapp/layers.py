@@ -37,6 +37,8 @@ class BlockSparseMixin:
 
     method: str = ''
     uses_attention: bool = False
+    #: state added to the plain torch layer (shared code compares checkpoints by these names)
+    compression_state = ('support',)
     weight: nn.Parameter
     support: Tensor
 
@@ -231,6 +233,7 @@ class SAPPConv2d(_BlockConv2d):
 
     method = 'sapp'
     uses_attention = True
+    compression_state = ('support', 'block_logits')
 
 
 @MODELS.register_module()
@@ -239,6 +242,7 @@ class SAPPLinear(_BlockLinear):
 
     method = 'sapp'
     uses_attention = True
+    compression_state = ('support', 'block_logits')
 
 
 @MODELS.register_module()
