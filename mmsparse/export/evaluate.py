@@ -1,6 +1,13 @@
-"""Compare and evaluate a PyTorch detector and its exported backend model on the same data."""
+"""Compare and evaluate a PyTorch detector and its exported backend model on the same data.
+
+Three models take part (``tools/deploy.py --eval``): stock mmdet PyTorch, the *exported computation
+run in PyTorch* (mmdeploy's rewritten graph, :func:`exported_graph_model`) and the backend (ONNX
+Runtime). Backend vs exported graph measures the export and runtime error; exported graph vs stock
+mmdet measures mmdeploy's own deviations from mmdet's post-processing.
+"""
+import copy
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -77,38 +84,83 @@ def compare_models(reference, candidate, cfg: Config, dataloader: Optional[dict]
     return stats
 
 
+class TorchGraphWrapper(torch.nn.Module):
+    """The exported computation run in PyTorch, behind mmdeploy's backend-wrapper interface.
+
+    Calls the PyTorch detector under mmdeploy's ``RewriterContext`` (its rewritten heads and NMS,
+    exactly what was traced into the graph) with fresh data samples, as the graph sees only the
+    input tensor. Same call signature as mmdeploy's ORT wrapper: ``{input name: batch}`` in,
+    ``{output name: tensor}`` out, plus ``output_to_list``.
+    """
+
+    def __init__(self, torch_model: torch.nn.Module, deploy_cfg: Config):
+        from mmdeploy.utils import get_backend, get_ir_config
+        super().__init__()
+        self.model = torch_model
+        self.deploy_cfg = deploy_cfg
+        self.output_names: List[str] = list(get_ir_config(deploy_cfg)['output_names'])
+        self.backend = get_backend(deploy_cfg).value
+        self.opset = get_ir_config(deploy_cfg).get('opset_version', 11)
+
+    @torch.no_grad()
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Run the rewritten detector on the (single) input batch; outputs by name."""
+        from mmdeploy.core import RewriterContext
+        from mmdet.structures import DetDataSample
+
+        from .onnx import mmdeploy_compat
+        (batch,) = inputs.values()
+        samples = [DetDataSample() for _ in range(len(batch))]
+        with mmdeploy_compat(), RewriterContext(cfg=self.deploy_cfg, backend=self.backend,
+                                                opset=self.opset):
+            outputs = self.model(batch, samples, mode='predict')
+        return dict(zip(self.output_names, outputs))
+
+    def output_to_list(self, outputs: Mapping[str, torch.Tensor]) -> List[torch.Tensor]:
+        """Outputs in the graph's output order (mmdeploy ``BaseWrapper.output_to_list``)."""
+        return [outputs[name] for name in self.output_names]
+
+
+def exported_graph_model(backend_model: torch.nn.Module, torch_model: torch.nn.Module,
+                         deploy_cfg: Config) -> torch.nn.Module:
+    """A copy of mmdeploy's backend model whose wrapper runs the exported graph in PyTorch.
+
+    Only the wrapper is swapped (:class:`TorchGraphWrapper` for the ONNX Runtime session), so
+    pre-processing and mmdeploy's post-processing (score filter, rescale, mask pasting) are the very
+    code that runs on the backend's outputs: evaluating both isolates the export/runtime error.
+    ``backend_model`` itself is left unchanged.
+    """
+    model = copy.copy(backend_model)
+    model._modules = dict(backend_model._modules)  # own submodule table: the original keeps its wrapper
+    model.wrapper = TorchGraphWrapper(torch_model, deploy_cfg)
+    return model
+
+
 @torch.no_grad()
 def compare_graph_outputs(torch_model, backend_model, cfg: Config, deploy_cfg: Config,
                           dataloader: Optional[dict] = None) -> Dict[str, float]:
     """Max abs differences between the backend's raw outputs and the same graph run in PyTorch.
 
-    The PyTorch side runs under mmdeploy's ``RewriterContext``, i.e. exactly the computation that
-    was exported (mmdeploy's rewritten heads and NMS), so this isolates the export and runtime
-    numerics from mmdeploy's deviations from stock mmdet post-processing (:func:`compare_models`).
-    Boxes are in network-input pixels.
+    The PyTorch side is :class:`TorchGraphWrapper` (mmdeploy's rewritten heads and NMS), i.e.
+    exactly the computation that was exported, so this isolates the export and runtime numerics
+    from mmdeploy's deviations from stock mmdet post-processing (:func:`compare_models`). Images run
+    one at a time. Boxes are in network-input pixels.
 
     Returns:
         dict: ``{'<output>': max abs diff, ..., 'shape_mismatch': count, 'images': count}``.
     """
-    from mmdeploy.core import RewriterContext
-    from mmdeploy.utils import get_backend, get_ir_config
-
-    from .onnx import mmdeploy_compat
-    names = get_ir_config(deploy_cfg)['output_names']
-    backend = get_backend(deploy_cfg).value
-    opset = get_ir_config(deploy_cfg).get('opset_version', 11)
-    diffs = {name: 0.0 for name in names}
+    graph = TorchGraphWrapper(torch_model, deploy_cfg)
+    diffs = {name: 0.0 for name in graph.output_names}
     diffs.update(shape_mismatch=0, images=0)
     for data in _test_dataloader(cfg, dataloader):
         for sample_inputs, sample in zip(data['inputs'], data['data_samples']):
             one = torch_model.data_preprocessor(dict(inputs=[sample_inputs], data_samples=[sample]),
                                                 False)
-            with mmdeploy_compat(), RewriterContext(cfg=deploy_cfg, backend=backend, opset=opset):
-                ref = torch_model(one['inputs'], one['data_samples'], mode='predict')
+            ref = graph({'input': one['inputs']})
             out = backend_model.wrapper({'input': one['inputs']})
             diffs['images'] += 1
-            for name, value in zip(names, ref):
-                other = out[name]
+            for name in graph.output_names:
+                value, other = ref[name], out[name]
                 if value.shape != other.shape:
                     diffs['shape_mismatch'] += 1
                     continue
@@ -137,4 +189,34 @@ def metric_deltas(reference: Mapping[str, float], candidate: Mapping[str, float]
             if k in candidate and isinstance(reference[k], (int, float, np.floating))}
 
 
-__all__ = ['ParityStats', 'compare_graph_outputs', 'compare_models', 'evaluate_model', 'metric_deltas']
+def map_keys(metrics: Mapping[str, float]) -> List[str]:
+    """The headline mAP keys of a metric dict (``coco/bbox_mAP``, ``coco/segm_mAP``), sorted."""
+    return sorted(k for k in metrics if k.endswith('_mAP'))
+
+
+def largest_map_delta(deltas: Mapping[str, float]) -> Tuple[Optional[str], float]:
+    """The headline mAP key with the largest ``|delta|`` and its delta (``(None, 0.0)`` if none)."""
+    keys = map_keys(deltas)
+    if not keys:
+        return None, 0.0
+    worst = max(keys, key=lambda k: abs(deltas[k]))
+    return worst, float(deltas[worst])
+
+
+def _short(key: str) -> str:
+    return key.split('/')[-1][:-len('_mAP')]
+
+
+def format_maps(metrics: Mapping[str, float]) -> str:
+    """``bbox mAP 0.270, segm mAP 0.282``: the headline mAPs of a metric dict."""
+    return ', '.join(f'{_short(k)} mAP {float(metrics[k]):.3f}' for k in map_keys(metrics))
+
+
+def format_deltas(deltas: Mapping[str, float]) -> str:
+    """``bbox -0.90, segm -0.50 points``: the headline mAP deltas (:func:`metric_deltas`)."""
+    return ', '.join(f'{_short(k)} {deltas[k]:+.2f}' for k in map_keys(deltas)) + ' points'
+
+
+__all__ = ['ParityStats', 'TorchGraphWrapper', 'compare_graph_outputs', 'compare_models',
+           'evaluate_model', 'exported_graph_model', 'format_deltas', 'format_maps',
+           'largest_map_delta', 'map_keys', 'metric_deltas']
