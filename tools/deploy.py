@@ -7,15 +7,22 @@ Steps: (1) ``mmdeploy.apis.torch2onnx`` under :func:`mmsparse.export.mmdeploy_co
 torch >= 2.9, undone afterwards); (2) the N:M patterns recorded in the folded checkpoint's meta are
 verified again on the ONNX initializers; (3) ``--compare`` runs ONNX Runtime on the test split of the
 config and prints its largest differences from the same (mmdeploy-rewritten) graph run in PyTorch
-and from stock mmdet's predictions; (4) ``--eval`` computes the test metric (COCO
-mAP) through both. ``--deploy-cfg`` takes a path or a name in ``configs/deploy/`` (default: the
-dynamic onnxruntime config for detection or instance segmentation). ``--cfg-options`` edits the model
-config (e.g. the test data root). Exit status 1 when a pattern is broken in the ONNX graph or when
-``--max-map-diff`` is exceeded.
+and from stock mmdet's predictions; (4) ``--eval`` computes the test metric (COCO mAP) of three
+models: stock mmdet PyTorch, the exported graph run in PyTorch and ONNX Runtime.
+
+ONNX Runtime vs the exported graph in PyTorch is the export/runtime error (should be ~0): it must
+stay within ``--max-map-diff`` points. The exported graph vs stock mmdet is mmdeploy 1.3.1's own
+post-processing deviation (one RPN NMS over all FPN levels, per-class caps in the box-head NMS,
+docs/deployment.md section 3): reported, and checked only with ``--max-mmdeploy-gap``.
+``--deploy-cfg`` takes a path or a name in ``configs/deploy/`` (default: the dynamic onnxruntime
+config for detection or instance segmentation). ``--cfg-options`` edits the model config (e.g. the
+test data root). Exit status 1 when a pattern is broken in the ONNX graph or a limit is exceeded.
+Everything goes to ``<work-dir>/deploy_summary.json``.
 """
 import argparse
 import os.path as osp
 import sys
+from typing import List, Optional, Tuple
 
 from mmengine.config import Config, DictAction
 
@@ -28,12 +35,63 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--deploy-cfg', help='mmdeploy deploy config (path or configs/deploy/ name)')
     parser.add_argument('--img', help='image used for tracing (default: first test image)')
     parser.add_argument('--compare', action='store_true', help='compare ORT with PyTorch outputs')
-    parser.add_argument('--eval', action='store_true', help='evaluate PyTorch and ORT (test metric)')
+    parser.add_argument('--eval', action='store_true',
+                        help='test metric of stock mmdet, the exported graph in PyTorch and ORT')
     parser.add_argument('--max-map-diff', type=float, default=0.5,
-                        help='with --eval: fail when |mAP(ORT) - mAP(torch)| exceeds this many points')
+                        help='with --eval: fail when |mAP(ONNX Runtime) - mAP(exported graph in '
+                        'PyTorch)| exceeds this many points (export/runtime error)')
+    parser.add_argument('--max-mmdeploy-gap', type=float, default=None,
+                        help='with --eval: fail when |mAP(exported graph in PyTorch) - mAP(stock '
+                        'mmdet)| exceeds this many points (default: report only)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings of the model config, key=value pairs')
     return parser.parse_args(argv)
+
+
+DOCS = 'docs/deployment.md, section 3'
+
+
+def limit_error(candidate: str, cand: dict, reference: str, ref: dict, deltas: dict, option: str,
+                limit: Optional[float], meaning: str) -> Optional[str]:
+    """The failure message when the largest headline-mAP delta exceeds ``limit`` (None: no check)."""
+    from mmsparse.export.evaluate import largest_map_delta
+    key, delta = largest_map_delta(deltas)
+    if limit is None or key is None or abs(delta) <= limit:
+        return None
+    return (f'error: {key}: {candidate} {cand[key]:.3f} vs {reference} {ref[key]:.3f} differ by '
+            f'{abs(delta):.2f} points, more than {option} {limit:g} ({meaning}; change the limit '
+            f'with {option}; see {DOCS})')
+
+
+def evaluate_three(args: argparse.Namespace, cfg: Config, torch_model, graph_model,
+                   ort_model) -> Tuple[dict, List[str]]:
+    """COCO metrics of stock mmdet, the exported graph in PyTorch and ONNX Runtime on the test
+    split, the two deltas (mAP points) and the messages of the limits exceeded."""
+    from mmsparse.export.evaluate import evaluate_model, format_deltas, format_maps, metric_deltas
+    stock, graph, ort = (evaluate_model(m, cfg) for m in (torch_model, graph_model, ort_model))
+    export_error, gap = metric_deltas(graph, ort), metric_deltas(stock, graph)
+    gap_limit = ('report only; --max-mmdeploy-gap sets a limit' if args.max_mmdeploy_gap is None
+                 else f'limit --max-mmdeploy-gap {args.max_mmdeploy_gap:g}')
+    print(f'COCO mAP on the test split:\n'
+          f'  stock mmdet PyTorch:       {format_maps(stock)}\n'
+          f'  exported graph in PyTorch: {format_maps(graph)}\n'
+          f'  ONNX Runtime:              {format_maps(ort)}\n'
+          f'  export/runtime error, ONNX Runtime - exported graph: {format_deltas(export_error)} '
+          f'(limit --max-map-diff {args.max_map_diff:g})\n'
+          f'  mmdeploy vs mmdet, exported graph - stock mmdet:     {format_deltas(gap)} ({gap_limit})\n'
+          f'    not an export error: mmdeploy 1.3.1 runs one RPN NMS over the proposals of all FPN '
+          f'levels (mmdet: one per level) and caps the box-head NMS per class; see {DOCS}')
+    errors = [limit_error('ONNX Runtime', ort, 'exported graph in PyTorch', graph, export_error,
+                          '--max-map-diff', args.max_map_diff, 'export/runtime error'),
+              limit_error('exported graph in PyTorch', graph, 'stock mmdet PyTorch', stock, gap,
+                          '--max-mmdeploy-gap', args.max_mmdeploy_gap,
+                          "mmdeploy's post-processing vs stock mmdet, not an export error")]
+    result = dict(metrics=dict(stock_mmdet=stock, exported_graph=graph, onnx_runtime=ort),
+                  metric_deltas_points=dict(onnx_runtime_vs_exported_graph=export_error,
+                                            exported_graph_vs_stock_mmdet=gap),
+                  limits_points=dict(max_map_diff=args.max_map_diff,
+                                     max_mmdeploy_gap=args.max_mmdeploy_gap))
+    return result, [e for e in errors if e]
 
 
 def main(argv=None) -> int:
@@ -43,7 +101,7 @@ def main(argv=None) -> int:
 
     from mmsparse.export import (build_ort_model, build_task_processor, export_onnx,
                                  first_test_image, verify_onnx)
-    from mmsparse.export.evaluate import compare_graph_outputs, compare_models, evaluate_model, metric_deltas
+    from mmsparse.export.evaluate import compare_graph_outputs, compare_models, exported_graph_model
     from mmsparse.export.fold import FOLD_META_KEY, PatternViolationError
     from mmsparse.utils import write_json
     register_all_modules()
@@ -83,14 +141,11 @@ def main(argv=None) -> int:
             print('ONNX Runtime vs stock mmdet PyTorch:', stats.format())
             summary['parity'] = {k: v for k, v in vars(stats).items() if k != 'per_image'}
         if args.eval:
-            ref = evaluate_model(torch_model, cfg)
-            ort = evaluate_model(ort_model, cfg)
-            deltas = metric_deltas(ref, ort)
-            summary.update(metrics_torch=ref, metrics_onnx=ort, metric_deltas_points=deltas)
-            print('PyTorch:', ref, '\nONNX Runtime:', ort)
-            worst = max((abs(v) for k, v in deltas.items() if k.endswith('_mAP')), default=0.0)
-            if worst > args.max_map_diff:
-                print(f'mAP differs by {worst:.2f} points (> {args.max_map_diff})', file=sys.stderr)
+            graph_model = exported_graph_model(ort_model, torch_model, processor.deploy_cfg)
+            evaluation, errors = evaluate_three(args, cfg, torch_model, graph_model, ort_model)
+            summary.update(evaluation)
+            for error in errors:
+                print(error, file=sys.stderr)
                 status = 1
     write_json(osp.join(args.work_dir, 'deploy_summary.json'), summary)
     return status
