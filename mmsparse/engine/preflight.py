@@ -183,10 +183,14 @@ def check_init_weights(cfg: Config) -> None:
             raise PreflightError(f'{path}={ckpt!r}: the file does not exist')
 
 
-def check_checkpoint(filename: str, what: str) -> None:
-    """A local checkpoint loads (through mmsparse's safe loader) and every float tensor is finite."""
+def check_checkpoint(filename: str, what: str) -> Optional[dict]:
+    """A local checkpoint loads (through mmsparse's safe loader) and every float tensor is finite.
+
+    Returns:
+        dict | None: its state dict (``None`` for a remote checkpoint, which is not fetched here).
+    """
     if '://' in filename:
-        return
+        return None
     from mmengine.runner.checkpoint import CheckpointLoader
 
     from ..compat import UnsafeCheckpointError
@@ -204,16 +208,17 @@ def check_checkpoint(filename: str, what: str) -> None:
         raise PreflightError(f'{what} {filename!r}: {listed}'
                              f'{f"; and {len(bad) - 3} more tensors" if len(bad) > 3 else ""}. '
                              'Refusing to start from non-finite weights (a diverged run?)')
+    return state
 
 
 # -- compression ------------------------------------------------------------------------------------
-def check_compression(cfg: Config, report: PreflightReport) -> None:
+def check_compression(cfg: Config, report: PreflightReport, state: Optional[dict] = None) -> None:
     """Build the model once on CPU and inspect its compressed layers.
 
     Refuses a pattern that leaves more than ``preflight.max_dense_share`` of the targeted layers
-    dense (e.g. 2:3 on channels that are multiples of 16); reports compressed layers whose weights
-    are frozen (``frozen_stages``): their pattern is applied once to the loaded weights and never
-    trained.
+    dense (e.g. 2:3 on channels that are multiples of 16), and a ``load_from``/resume checkpoint
+    (its ``state``) trained with another method; reports compressed layers whose weights are frozen
+    (``frozen_stages``): their pattern is applied once to the loaded weights and never trained.
     """
     from mmengine.registry import MODELS, init_default_scope
     init_default_scope(cfg.get('default_scope', 'mmdet'))
@@ -221,6 +226,13 @@ def check_compression(cfg: Config, report: PreflightReport) -> None:
         model = MODELS.build(cfg.model)
     except ValueError as err:   # config errors of the layers and the converter (invalid N:M, ...)
         raise PreflightError(f'model: {err}') from err
+    if state is not None:
+        from ..compat import CheckpointMismatchError, check_compression_matches
+        state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+        try:
+            check_compression_matches(model, state, cfg.load_from, bool(cfg.get('resume')))
+        except CheckpointMismatchError as err:
+            raise PreflightError(str(err)) from err
     layers = [(name, module) for name, module in model.named_modules() if hasattr(module, 'fold_info')]
     if not layers:
         return
@@ -273,9 +285,10 @@ def check_train(cfg: Config, resume: Optional[str]) -> PreflightReport:
     check_layer_types(cfg)
     check_hooks(cfg)
     check_init_weights(cfg)
+    state = None
     if cfg.get('load_from'):
-        check_checkpoint(cfg.load_from, '--resume' if cfg.get('resume') else 'load_from')
-    check_compression(cfg, report)
+        state = check_checkpoint(cfg.load_from, '--resume' if cfg.get('resume') else 'load_from')
+    check_compression(cfg, report, state)
     return report
 
 

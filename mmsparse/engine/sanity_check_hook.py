@@ -3,6 +3,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
+from ..compat import check_compression_matches
+
 
 @HOOKS.register_module()
 class SanityCheckHook(Hook):
@@ -29,3 +31,4 @@ class SanityCheckHook(Hook):
         if wrong:
             raise RuntimeError(f'the checkpoint does not fit the model ({len(wrong)} tensors differ '
                                'in shape; another architecture?): ' + '; '.join(wrong[:3]))
+        check_compression_matches(model, state, runner._load_from, runner._resume)

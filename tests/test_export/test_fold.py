@@ -33,7 +33,7 @@ def test_folded_checkpoint_is_plain_and_exact(sparse_ckpt, folded):
     layers = fold['layers']
     assert layers['backbone.layer1.0.conv1'] == dict(method='maxq', pattern='1:16')
     stem = layers['backbone.conv1']
-    assert stem['pattern'] == 'dense' and 'not divisible' in stem['reason']
+    assert stem['pattern'] == 'dense' and 'dense by rule' in stem['reason']
     assert layers['neck.fpn_convs.0.conv'] == dict(method='srste', pattern='2:4')
     assert layers['roi_head.bbox_head.shared_fcs.0'] == dict(method='maxq', pattern='2:8')
     module = dict(model.named_modules())['backbone.layer2.0.conv2']

@@ -64,8 +64,9 @@ def test_tools_test_reports_map(dense_runs, tiny_coco):
 def test_missing_data_root_fails_before_training(tmp_path):
     cfg = tiny_config(DENSE, str(tmp_path / 'nowhere'), str(tmp_path / 'wd'))
     proc = run_tool('train.py', [cfg], check=False)
-    assert proc.returncode != 0
-    assert 'instances_train.json' in proc.stderr and 'Iter(train)' not in proc.stdout + proc.stderr
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert f"data root '{tmp_path / 'nowhere'}/' (train_dataloader.dataset.data_root) does not " \
+           'exist' in proc.stderr and 'Iter(train)' not in proc.stdout + proc.stderr
 
 
 def test_unknown_type_fails_before_training(tmp_path, tiny_coco):
