@@ -10,3 +10,5 @@ default_hooks = dict(
     safe_checkpoint=dict(type='SafeCheckpointHook'),
     rng_state=dict(type='RNGStateHook'),
     sanity_check=dict(type='SanityCheckHook'))
+# mmengine's runner whose data-loader workers die with it (a killed run leaves no orphaned worker).
+runner_type = 'SparseRunner'

@@ -297,7 +297,8 @@ def plain_config(cfg: Config) -> Config:
 
     * ``ConvertedModel`` is unwrapped to its inner model; ``conv_cfg`` / ``linear_cfg`` entries of
       mmsparse types become ``None``;
-    * ``custom_hooks`` and ``default_hooks`` entries of mmsparse types are removed;
+    * ``custom_hooks`` and ``default_hooks`` entries and a ``runner_type`` of mmsparse types are
+      removed;
     * an mmsparse optimizer wrapper becomes ``OptimWrapper`` (``AmpOptimWrapper`` for AMP variants)
       with its method-specific arguments dropped;
     * ``mmsparse`` is removed from ``custom_imports``; ``load_from`` is cleared, ``resume`` off;
@@ -318,6 +319,8 @@ def plain_config(cfg: Config) -> Config:
         _find_mmsparse(data[key], names, key, helper)
         if helper:
             data.pop(key)
+    if _is_mmsparse_type(data.get('runner_type'), names):
+        data.pop('runner_type')
     data['model'] = _strip_model(data['model'], names, 'model')
     data['custom_hooks'] = [h for h in data.get('custom_hooks', []) or []
                             if not _is_mmsparse_type(h.get('type'), names)]
