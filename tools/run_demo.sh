@@ -11,6 +11,14 @@ cd "$(dirname "$0")/.."
 PY=${MMSPARSE_DEMO_PY:-.venv/bin/python}
 W=${MMSPARSE_DEMO_DIR:-work_dirs/demo}
 export PYTHONUNBUFFERED=1  # stage output reaches the terminal and the log as it is written
+# Same numbers on every machine of this kind: torch, oneDNN and MKL choose kernels by instruction set
+# and the training trajectory (so the mAP) depends on it and on the thread count (measured:
+# docs/benchmarks.md, "Reproducibility of the demo"). Pinned to AVX2 and 2 threads, the README's
+# setting; set any of these variables to override.
+export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2} \
+  MKL_CBWR=${MKL_CBWR:-AVX2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+printf 'numerics: ATEN_CPU_CAPABILITY=%s ONEDNN_MAX_CPU_ISA=%s MKL_CBWR=%s OMP_NUM_THREADS=%s\n' \
+  "$ATEN_CPU_CAPABILITY" "$ONEDNN_MAX_CPU_ISA" "$MKL_CBWR" "$OMP_NUM_THREADS"
 
 mkdir -p "$W/logs"
 : >"$W/stages.tsv"
