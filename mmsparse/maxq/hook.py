@@ -148,7 +148,10 @@ class MaxQHook(Hook):
         if not missing:
             return
         oneshot = [n for n, l in self.sparse_layers(runner) if n in missing and not l.recompute_each_step]
-        if oneshot and runner.iter > 0:
+        # This hook runs inside Runner.resume before the iteration is restored (runner.iter is
+        # still 0): a resume is told by the runner's flag and the checkpoint's own iteration.
+        resuming = getattr(runner, '_resume', False) and (checkpoint.get('meta') or {}).get('iter', 0) > 0
+        if oneshot and resuming:
             raise RuntimeError(f'resumed checkpoint has no one-shot mask for {oneshot[:3]}...; the '
                                'fixed mask cannot be recovered from the weights')
         runner.logger.info(f'MaxQHook: checkpoint carries no mask for {len(missing)} N:M layers '
