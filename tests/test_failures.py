@@ -173,3 +173,28 @@ def test_resume_in_a_fresh_work_dir_starts_from_load_from(tiny_coco, tmp_path):
     assert f'--resume: no checkpoint in {tmp_path / "wd"} yet; starting a new run from ' \
            f'load_from={ckpt}' in log
     assert f'Load checkpoint from {ckpt}' in log
+
+
+CANONICAL = 'configs/maxq_mask-rcnn_r50_1-16.py'
+
+
+@pytest.mark.skipif(os.path.exists(os.path.join(os.path.dirname(__file__), '..', 'data', 'coco')),
+                    reason='data/coco exists here')
+def test_canonical_command_without_coco_names_data_coco():
+    proc = run_tool('train.py', [CANONICAL], check=False, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "data root 'data/coco/'" in proc.stderr, out[-3000:]
+    assert 'Traceback' not in out and len(out.splitlines()) < 60
+
+
+def test_canonical_config_on_data_without_its_classes(tiny_coco, tmp_path):
+    options = [f'{split}_dataloader.dataset.{key}={value}' for split in ('train', 'val')
+               for key, value in (('data_root', f'{tiny_coco}/'),
+                                  ('ann_file', f'annotations/instances_{split}.json'),
+                                  ('data_prefix.img', f'{split}/'))]
+    options.append(f'val_evaluator.ann_file={tiny_coco}/annotations/instances_val.json')
+    proc = run_tool('train.py', [CANONICAL, '--work-dir', str(tmp_path / 'wd'), '--cfg-options',
+                                 *options], check=False, timeout=120)
+    assert proc.returncode == 2 and 'empty after class filtering' in proc.stderr, proc.stderr[-3000:]
+    assert "'person'" in proc.stderr and 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'wd').exists()

@@ -92,10 +92,15 @@ def _join(root: str, path: str) -> str:
 
 def check_data(cfg: Config, splits: List[str]) -> None:
     """The data root, image folder and annotation file of each split exist and hold samples."""
-    for split in splits:
-        loader = cfg.get(split)
-        if not loader:
-            continue
+    from mmengine.registry import DATASETS
+    with DATASETS.switch_scope_and_registry(cfg.get('default_scope', 'mmdet')) as registry:
+        for split in splits:
+            _check_split(cfg, split, registry)
+
+
+def _check_split(cfg: Config, split: str, registry) -> None:
+    loader = cfg.get(split)
+    if loader:
         for path, dataset in _datasets(loader.get('dataset', {}), f'{split}.dataset'):
             root = dataset.get('data_root') or ''
             if root and '://' not in root and not osp.isdir(root):
@@ -107,17 +112,26 @@ def check_data(cfg: Config, splits: List[str]) -> None:
             if img and not osp.isdir(_join(root, img)):
                 raise PreflightError(f'image folder {_join(root, img)!r} ({path}.data_prefix.img) '
                                      'does not exist')
-            _check_annotations(_join(root, dataset['ann_file']), path, dataset,
+            classes = (dataset.get('metainfo') or {}).get('classes') or \
+                _default_classes(dataset, registry)
+            _check_annotations(_join(root, dataset['ann_file']), path, dataset, classes,
                                train=split == 'train_dataloader')
         evaluator = cfg.get(split.replace('_dataloader', '_evaluator'))
-        for idx, metric in enumerate(evaluator if isinstance(evaluator, (list, tuple)) else [evaluator]):
+        for metric in evaluator if isinstance(evaluator, (list, tuple)) else [evaluator]:
             ann = metric.get('ann_file') if isinstance(metric, dict) else None
             if ann and '://' not in ann and not osp.isfile(ann):
                 name = split.replace('_dataloader', '_evaluator')
                 raise PreflightError(f'annotation file {ann!r} ({name}.ann_file) does not exist')
 
 
-def _check_annotations(ann: str, path: str, dataset: dict, train: bool) -> None:
+def _default_classes(dataset: dict, registry) -> Optional[tuple]:
+    """The classes of the dataset type itself (``CocoDataset.METAINFO``) when the config sets none."""
+    cls = registry.get(dataset.get('type')) if isinstance(dataset.get('type'), str) else None
+    return (getattr(cls, 'METAINFO', None) or {}).get('classes')
+
+
+def _check_annotations(ann: str, path: str, dataset: dict, classes: Optional[tuple],
+                       train: bool) -> None:
     if '://' in ann:
         return
     if not osp.isfile(ann):
@@ -136,7 +150,6 @@ def _check_annotations(ann: str, path: str, dataset: dict, train: bool) -> None:
     if not isinstance(coco, dict) or not coco.get('images'):
         raise PreflightError(f'the dataset is empty: annotation file {ann!r} ({path}.ann_file) '
                              'lists no images')
-    classes = (dataset.get('metainfo') or {}).get('classes')
     categories = {c.get('id'): c.get('name') for c in coco.get('categories', [])}
     if classes:
         kept = {cid for cid, name in categories.items() if name in set(classes)}
@@ -167,9 +180,37 @@ def _init_checkpoints(node, path: str) -> Iterator[Tuple[str, str]]:
             yield from _init_checkpoints(item, f'{path}[{idx}]')
 
 
+_ALTERNATIVES = ('use a local checkpoint instead: --cfg-options {path}=/path/to/weights.pth (any mmdet/'
+                 'torchvision ResNet state dict; MaxQ\'s sparse ImageNet checkpoints convert with '
+                 'tools/convert_maxq_checkpoint.py)')
+_SCHEME_HOSTS = {'open-mmlab://': 'download.openmmlab.com', 'openmmlab://': 'download.openmmlab.com',
+                 'mmcls://': 'download.openmmlab.com', 'mmpretrain://': 'download.openmmlab.com'}
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    import socket
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _download_host(ckpt: str) -> Optional[str]:
+    """The host a remote ``init_cfg`` checkpoint is fetched from, ``None`` if it is cached."""
+    from urllib.parse import urlparse
+
+    import torch.hub
+    if ckpt.startswith(('http://', 'https://')):
+        cached = osp.join(torch.hub.get_dir(), 'checkpoints', osp.basename(urlparse(ckpt).path))
+        return None if osp.isfile(cached) else urlparse(ckpt).hostname
+    return next((host for scheme, host in _SCHEME_HOSTS.items() if ckpt.startswith(scheme)), None)
+
+
 def check_init_weights(cfg: Config) -> None:
-    """Pretrained weights of ``init_cfg`` can be loaded: local files exist, ``torchvision://`` has
-    torchvision (mmengine resolves those names through it)."""
+    """Pretrained weights of ``init_cfg`` can be loaded here: local files exist, ``torchvision://``
+    has torchvision (mmengine resolves those names through it), and a download that is not cached
+    can reach its host (3 s connection probe)."""
     for path, ckpt in _init_checkpoints(cfg.get('model', {}), 'model'):
         if ckpt.startswith('torchvision://'):
             try:
@@ -177,9 +218,14 @@ def check_init_weights(cfg: Config) -> None:
             except ImportError:
                 raise PreflightError(
                     f'{path}={ckpt!r} needs torchvision, which is not installed (the CPU install '
-                    'leaves it out, see README): download the weights once and set '
-                    f'{path} to the local file') from None
-        elif not ckpt.startswith(_DOWNLOAD_SCHEMES) and not osp.isfile(ckpt):
+                    'leaves it out; a CUDA install with TORCH_INDEX_URL adds it, see README): '
+                    + _ALTERNATIVES.format(path=path)) from None
+        elif ckpt.startswith(_DOWNLOAD_SCHEMES):
+            host = _download_host(ckpt)
+            if host is not None and not _reachable(host):
+                raise PreflightError(f'{path}={ckpt!r} needs a download from {host}, which cannot '
+                                     'be reached from here: ' + _ALTERNATIVES.format(path=path))
+        elif not osp.isfile(ckpt):
             raise PreflightError(f'{path}={ckpt!r}: the file does not exist')
 
 

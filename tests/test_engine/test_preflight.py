@@ -124,3 +124,28 @@ def test_hook_arguments_are_checked(tiny_coco, tmp_path):
     cfg = _cfg(tiny_coco, tmp_path, custom_hooks=[dict(type='MaxQHook', start=5, end=2)])
     with pytest.raises(PreflightError, match=r'custom_hooks\[0\] \(MaxQHook\)'):
         check_hooks(cfg)
+
+
+def _with_init(tiny_coco, tmp_path, checkpoint: str) -> Config:
+    cfg = _cfg(tiny_coco, tmp_path)
+    cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=checkpoint)
+    return cfg
+
+
+def test_init_weights_that_cannot_be_loaded(tiny_coco, tmp_path):
+    from mmsparse.engine.preflight import check_init_weights
+    with pytest.raises(PreflightError, match=r"model\.backbone\.init_cfg\.checkpoint='/no/r50.pth'"
+                                             ': the file does not exist'):
+        check_init_weights(_with_init(tiny_coco, tmp_path, '/no/r50.pth'))
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        with pytest.raises(PreflightError, match='needs torchvision, which is not installed') as err:
+            check_init_weights(_with_init(tiny_coco, tmp_path, 'torchvision://resnet50'))
+        assert '--cfg-options model.backbone.init_cfg.checkpoint=/path/to/weights.pth' in str(err.value)
+    # an unroutable host (TEST-NET-1, RFC 5737) cannot be reached within the probe's timeout
+    with pytest.raises(PreflightError, match='needs a download from 192.0.2.1'):
+        check_init_weights(_with_init(tiny_coco, tmp_path, 'https://192.0.2.1/r50-0000.pth'))
+    local = tmp_path / 'r50.pth'
+    local.write_bytes(b'')
+    check_init_weights(_with_init(tiny_coco, tmp_path, str(local)))
