@@ -156,8 +156,9 @@ def _check_annotations(ann: str, path: str, dataset: dict, classes: Optional[tup
         if not kept:
             raise PreflightError(
                 f'the dataset is empty after class filtering: none of the {len(classes)} classes '
-                f'of {path}.metainfo.classes (e.g. {list(classes)[:3]}) is a category of {ann!r} '
-                f'(its categories: {sorted(map(str, categories.values()))[:5]})')
+                f'{path} expects (e.g. {list(classes)[:3]}; set {path}.metainfo.classes for your '
+                f'own) is a category of {ann!r} (its categories: '
+                f'{sorted(map(str, categories.values()))[:5]})')
     else:
         kept = set(categories)
     filter_empty = (dataset.get('filter_cfg') or {}).get('filter_empty_gt', False)
