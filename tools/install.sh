@@ -45,14 +45,28 @@ fi
 pip_install() { "$py" -m pip install --disable-pip-version-check -c "$pins" "$@"; }
 
 log "stage 1/4: torch and build prerequisites"
-torch_args=()
-[[ -n "${TORCH_INDEX_URL:-}" ]] && torch_args=(--index-url "$TORCH_INDEX_URL")
-"$py" -m pip install --disable-pip-version-check "${torch_args[@]}" "$(pin torch)"
+if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
+  # torchvision from the same index, the build matching the pinned torch (pip resolves the pair),
+  # so torchvision:// ImageNet weights load
+  "$py" -m pip install --disable-pip-version-check --index-url "$TORCH_INDEX_URL" "$(pin torch)" torchvision
+else
+  "$py" -m pip install --disable-pip-version-check "$(pin torch)"
+  log "torchvision is not installed: the registry's build is for CUDA and cannot load beside this" \
+      "CPU torch, so init_cfg='torchvision://...' weights need a local checkpoint instead (README)"
+fi
 pip_install "$(pin setuptools)" "$(pin wheel)" "$(pin numpy)"
 
-log "stage 2/4: mmcv with compiled ops (first build ~9 min on 2 cores; cached afterwards)"
+log "stage 2/4: mmcv with compiled ops (first build 10-35 min on 2 cores; cached afterwards)"
 if ! "$py" -c "import mmcv, sys; from mmcv.ops import nms; sys.exit(mmcv.__version__ != '$(pin mmcv | cut -d= -f3)')" 2>/dev/null; then
+  mmcv_start=$SECONDS
+  # heartbeat: pip says nothing but "still running..." while mmcv compiles
+  ( while sleep 60; do log "mmcv: compiling its ops, $(( (SECONDS - mmcv_start) / 60 )) min elapsed"; done ) &
+  heartbeat=$!
+  trap 'kill "$heartbeat" 2>/dev/null' EXIT
   MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_install --no-build-isolation "$(pin mmcv)"
+  kill "$heartbeat" 2>/dev/null
+  trap - EXIT
+  log "mmcv built in $(( (SECONDS - mmcv_start) / 60 )) min"
 fi
 
 log "stage 3/4: mmengine, mmdet, pycocotools, onnx, onnxruntime, mmdeploy, test tools"
