@@ -5,6 +5,10 @@ Fold (writes ``DIR/<name>.pth`` and ``DIR/<name>.py``, atomically, after verifyi
     python tools/fold.py CONFIG CHECKPOINT --out-dir DIR [--name NAME] [--compressed] \
         [--cfg-options k=v ...]
 
+Report a training checkpoint's layers (pattern or bit widths, share of zeros) without folding::
+
+    python tools/fold.py CONFIG CHECKPOINT --report
+
 Verify any checkpoint without writing (patterns from its fold meta, or given)::
 
     python tools/fold.py --verify CHECKPOINT
@@ -31,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--name', help='stem of the written files (default: <checkpoint>_folded)')
     parser.add_argument('--compressed', action='store_true',
                         help='also write <name>.safetensors in the N:M storage format and print sizes')
+    parser.add_argument('--report', action='store_true',
+                        help='print the per-layer report of CONFIG + CHECKPOINT, write nothing')
     parser.add_argument('--verify', metavar='CHECKPOINT', help='verify this checkpoint, write nothing')
     parser.add_argument('--pattern', help='with --verify: N:M pattern for the layers in --layers')
     parser.add_argument('--layers', default=r'.*',
@@ -42,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.verify is None and (args.config is None or args.checkpoint is None):
         parser.error('give CONFIG and CHECKPOINT to fold, or --verify CHECKPOINT')
-    if args.verify is None and args.out_dir is None:
+    if args.verify is None and args.out_dir is None and not args.report:
         parser.error('--out-dir is required to fold (use --verify to check without writing)')
     return args
 
@@ -86,6 +92,18 @@ def main(argv=None) -> int:
             print(str(PatternViolationError(violations)), file=sys.stderr)
             return 1
         print(f'OK: {args.verify} satisfies its declared patterns and holds no NaN/inf')
+        return 0
+
+    if args.report:
+        from mmsparse.core import model_report
+        from mmsparse.export.fold import build_model, load_source_checkpoint
+        model = build_model(args.config, args.cfg_options)
+        try:
+            load_source_checkpoint(model, args.checkpoint)
+        except RuntimeError as err:
+            print(f'error: {err}', file=sys.stderr)
+            return 2
+        print(format_report(model_report(model)))
         return 0
 
     try:

@@ -194,3 +194,24 @@ def test_killed_fold_leaves_old_file_intact(sparse_ckpt, folded, tmp_path):
     assert res.returncode == -9, res.stderr[-2000:]
     assert target.read_bytes() == b'old'
     assert not (tmp_path / 'x_folded.py').exists()
+
+
+def test_report_cli_reads_a_training_checkpoint_and_writes_nothing(sparse_ckpt, tmp_path):
+    cfg_path, ckpt, model = sparse_ckpt
+    before = sorted(os.listdir(osp.dirname(ckpt)))
+    res = subprocess.run([PY, TOOL, cfg_path, ckpt, '--report'], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    # the layer's share of zeros, computed independently from the trained mask
+    layer = model.backbone.layer1[0].conv1
+    zeros = float((layer.weight * layer.mask == 0).float().mean())
+    row = next(line for line in res.stdout.splitlines() if 'backbone.layer1.0.conv1 ' in line)
+    assert '1:16' in row and f'{100 * zeros:.2f}%' in row, row
+    assert 'dense: the 3-channel stem is dense by rule' in res.stdout
+    assert sorted(os.listdir(osp.dirname(ckpt))) == before and os.listdir(tmp_path) == []
+    state = torch.load(ckpt, weights_only=True)['state_dict']
+    del state['backbone.layer1.0.conv1.mask']
+    torch.save(dict(state_dict=state), tmp_path / 'nomask.pth')
+    res = subprocess.run([PY, TOOL, cfg_path, str(tmp_path / 'nomask.pth'), '--report'],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and 'backbone.layer1.0.conv1.mask' in res.stderr
