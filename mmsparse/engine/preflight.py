@@ -107,7 +107,7 @@ def _check_split(cfg: Config, split: str, registry) -> None:
                 raise PreflightError(
                     f'data root {root!r} ({path}.data_root) does not exist: put the dataset there '
                     f'(COCO layout: annotations/, train2017/, val2017/) or point the config at your '
-                    f'copy, e.g. --cfg-options {path}.data_root=/path/to/coco/')
+                    f'copy, e.g. --cfg-options {path}.data_root=/path/to/coco/ (your own data: docs/own_data.md)')
             img = (dataset.get('data_prefix') or {}).get('img')
             if img and not osp.isdir(_join(root, img)):
                 raise PreflightError(f'image folder {_join(root, img)!r} ({path}.data_prefix.img) '
