@@ -113,7 +113,7 @@ def test_nan_weights_name_the_layer(tiny_coco, tmp_path):
     ckpt = tmp_path / 'nan.pth'
     torch.save(dict(state_dict=state), ckpt)
     code, log = _train(tiny_coco, tmp_path, load_from=str(ckpt))
-    assert code != 0 and 'backbone.layer2.0.conv1.weight holds NaN or inf' in log
+    assert code != 0 and 'backbone.layer2.0.conv1.weight holds 1 NaN/inf values' in log
     assert 'Iter(train)' not in log
 
 

@@ -17,16 +17,18 @@ def test_own_data_config_trains_from_a_local_backbone(tiny_coco, tmp_path):
     backbone = ResNet(depth=50)
     for param in backbone.parameters():
         torch.nn.init.normal_(param, std=0.01)
-    torch.save(backbone.state_dict(), tmp_path / 'resnet50_imagenet.pth')
+    weights = tmp_path / 'resnet50_imagenet.pth'
+    torch.save(backbone.state_dict(), weights)
     classes = [c['name'] for c in json.load(open(
         os.path.join(tiny_coco, 'annotations', 'instances_train.json')))['categories']]
     cfg = Config.fromfile(OWN)
     cfg.merge_from_dict({
-        'classes': classes, 'model.backbone.init_cfg.checkpoint': str(tmp_path / 'resnet50_imagenet.pth'),
+        'classes': classes, 'model.backbone.init_cfg.checkpoint': str(weights),
         'model.roi_head.bbox_head.num_classes': len(classes),
         'model.roi_head.mask_head.num_classes': len(classes),
         'train_cfg': dict(_delete_=True, type='IterBasedTrainLoop', max_iters=1, val_interval=1),
-        'param_scheduler': [], 'default_hooks.checkpoint': dict(type='CheckpointHook', interval=1, by_epoch=False),
+        'param_scheduler': [],
+        'default_hooks.checkpoint': dict(type='CheckpointHook', interval=1, by_epoch=False),
         'custom_hooks': [dict(type='MaxQHook', start=0, end=0)]})
     for split in ('train', 'val'):
         loader = cfg[f'{split}_dataloader']
@@ -47,5 +49,5 @@ def test_own_data_config_trains_from_a_local_backbone(tiny_coco, tmp_path):
     cfg.dump(path)
     proc = run_tool('train.py', [path, '--work-dir', str(tmp_path / 'wd')], timeout=900)
     log = proc.stdout + proc.stderr
-    assert f"load model from: {tmp_path / 'resnet50_imagenet.pth'}" in log
+    assert f'load model from: {weights}' in log
     assert 'coco/bbox_mAP' in log and os.path.isfile(tmp_path / 'wd' / 'iter_1.pth')

@@ -107,7 +107,8 @@ def _check_split(cfg: Config, split: str, registry) -> None:
                 raise PreflightError(
                     f'data root {root!r} ({path}.data_root) does not exist: put the dataset there '
                     f'(COCO layout: annotations/, train2017/, val2017/) or point the config at your '
-                    f'copy, e.g. --cfg-options {path}.data_root=/path/to/coco/ (your own data: docs/own_data.md)')
+                    f'copy, e.g. --cfg-options {path}.data_root=/path/to/coco/ (your own data: '
+                    'docs/own_data.md)')
             img = (dataset.get('data_prefix') or {}).get('img')
             if img and not osp.isdir(_join(root, img)):
                 raise PreflightError(f'image folder {_join(root, img)!r} ({path}.data_prefix.img) '
@@ -241,6 +242,7 @@ def check_checkpoint(filename: str, what: str) -> Optional[dict]:
     from mmengine.runner.checkpoint import CheckpointLoader
 
     from ..compat import UnsafeCheckpointError
+    from ..core import find_nonfinite
     if not osp.isfile(filename):
         raise PreflightError(f'{what}: checkpoint {filename!r} does not exist')
     try:
@@ -248,12 +250,10 @@ def check_checkpoint(filename: str, what: str) -> Optional[dict]:
     except (RuntimeError, UnsafeCheckpointError, OSError) as err:
         raise PreflightError(f'{what}: {err}') from err
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}
-    bad = [(k, int((~torch.isfinite(v)).sum()), v.numel()) for k, v in state.items()
-           if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = find_nonfinite(state)
     if bad:
-        listed = '; '.join(f'{k} holds NaN or inf ({n} of {total} values)' for k, n, total in bad[:3])
-        raise PreflightError(f'{what} {filename!r}: {listed}'
-                             f'{f"; and {len(bad) - 3} more tensors" if len(bad) > 3 else ""}. '
+        more = f'; and {len(bad) - 3} more tensors' if len(bad) > 3 else ''
+        raise PreflightError(f'{what} {filename!r}: {"; ".join(map(str, bad[:3]))}{more}. '
                              'Refusing to start from non-finite weights (a diverged run?)')
     return state
 
