@@ -62,6 +62,6 @@ stage verify "4/5 verify the folded checkpoint against its recorded patterns" - 
 
 stage onnx "5/5 ONNX Runtime through mmdeploy: export, parity, COCO mAP (ORT vs exported graph)" - \
   "$PY" tools/deploy.py "$W/folded/maxq_1-16.py" "$W/folded/maxq_1-16.pth" --work-dir "$W/onnx" \
-  --compare --eval
+  --compare --eval --max-map-diff 1.0   # 60 images: flipped near-ties move the mAP ~0.4 (docs/deployment.md §3)
 
 summary
