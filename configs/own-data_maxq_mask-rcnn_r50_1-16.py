@@ -10,8 +10,7 @@ metainfo = dict(classes=classes)
 model = dict(
     # a local backbone checkpoint (torchvision/mmdet ResNet-50 keys: conv1.weight, layer1.0...);
     # MaxQ's own ImageNet checkpoints convert with tools/convert_maxq_checkpoint.py
-    backbone=dict(frozen_stages=0,           # fine-tune every N:M layer (docs/maxq.md, frozen layers)
-                  init_cfg=dict(type='Pretrained', checkpoint='checkpoints/resnet50_imagenet.pth')),
+    backbone=dict(init_cfg=dict(type='Pretrained', checkpoint='checkpoints/resnet50_imagenet.pth')),
     roi_head=dict(bbox_head=dict(num_classes=len(classes)),
                   mask_head=dict(num_classes=len(classes))))
 
