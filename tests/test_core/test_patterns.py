@@ -38,7 +38,9 @@ def test_linear_block_layout():
 
 
 def test_incompatibility_reasons():
-    assert 'not divisible' in nm_incompatibility(nn.Conv2d(3, 16, 3), 4)
+    assert 'not divisible' in nm_incompatibility(nn.Conv2d(6, 16, 3), 4)
+    assert nm_incompatibility(nn.Conv2d(3, 16, 3), 4) == 'the 3-channel stem is dense by rule'
+    assert nm_incompatibility(nn.Conv2d(3, 16, 3), 3) == 'the 3-channel stem is dense by rule'
     assert 'groups' in nm_incompatibility(nn.Conv2d(16, 16, 3, groups=4), 4)
     assert nm_incompatibility(nn.Conv2d(16, 16, 3), 4) is None
     assert nm_incompatibility(nn.Linear(32, 4), 16) is None

@@ -90,7 +90,10 @@ def test_one_process_equals_two_processes_same_total_batch(runs):
         print(f'  {method:13s} discrete flips {r["flips"]}, state {r["step0"]:.3g} / '
               f'{r["step1"]:.3g} / {r["state"]:.3g}, weights {r["weights"]:.3g}')
     for method, r in report.items():
-        assert r['flips'] == 0 and r['step0'] == 0 and r['step1'] <= 1e-6, (method, r)
+        # step 1: summation-order differences of the weights (~1e-8), amplified by MaxQ's soft mask
+        # (sigmoid((|w| - t) / tau), tau = 0.01): measured <= 1e-6 on AVX2 machines, 4.8e-6 for
+        # maxq-2:4 on an AVX-512 one (same code, 2026-12-02)
+        assert r['flips'] == 0 and r['step0'] == 0 and r['step1'] <= 1e-5, (method, r)
         if method.startswith('cgmq'):
             # The straight-through estimator gives a weight's gradient to the weight if |w| <= range
             # and to the range otherwise. Calibration puts each channel's largest weight exactly on
@@ -101,7 +104,9 @@ def test_one_process_equals_two_processes_same_total_batch(runs):
             # differences of order lr.
             assert r['state'] <= 1e-2 and r['weights'] <= 1e-2, (method, r)
         else:
-            assert r['state'] <= 1e-5 and r['weights'] <= 1e-5, (method, r)
+            # the soft-mask amplification above, over 24 steps and fed back into the weights:
+            # 1.2e-5 / 1.1e-5 for maxq-2:4 on the AVX-512 machine (the other methods <= 1.4e-6)
+            assert r['state'] <= 5e-5 and r['weights'] <= 5e-5, (method, r)
 
 
 def test_cgmq_calibration_reduced_across_ranks(runs, pretrained):

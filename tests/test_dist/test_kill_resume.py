@@ -6,6 +6,7 @@ The uninterrupted reference run and the run to be killed train side by side (one
 import glob
 import os
 import os.path as osp
+import re
 import signal
 import subprocess
 import sys
@@ -68,7 +69,9 @@ def kill_and_resume(method: str, tiny_coco: str, root: Path) -> Path:
     _, err = full.communicate(timeout=900)
     assert full.returncode == 0, err[-5000:]
     resumed = run_tool('train.py', [killed_cfg, '--resume'], timeout=900, env=ENV)
-    assert 'Auto resumed from the latest checkpoint' in resumed.stdout + resumed.stderr
+    log = resumed.stdout + resumed.stderr
+    assert re.search(rf'--resume: resuming from {root / "killed"}/iter_\d+\.pth, the latest', log)
+    assert 'resumed epoch: 0, iter:' in log   # mmengine's own line: a real resume, not a fresh run
     return root
 
 
