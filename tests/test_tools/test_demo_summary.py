@@ -198,7 +198,9 @@ def test_run_demo_failed_stage_exits_with_its_status(tmp_path):
 
 
 def test_make_clean_removes_only_demo_outputs():
-    proc = subprocess.run(['make', '-n', 'clean'], cwd=ROOT, capture_output=True, text=True, check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ('MAKEFLAGS', 'MAKELEVEL', 'MFLAGS')}
+    proc = subprocess.run(['make', '-n', '--no-print-directory', 'clean'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True)
     commands = [line.split() for line in proc.stdout.splitlines() if line.strip()]
     assert commands == [['rm', '-rf', 'work_dirs/demo', 'data/demo_coco']]
 
