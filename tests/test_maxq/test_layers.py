@@ -103,8 +103,13 @@ def test_oneshot_masks_grads_and_weights():
 
 def test_plain_optim_wrapper_still_works():
     conv = _fresh()
-    OptimWrapper(torch.optim.SGD(conv.parameters(), lr=0.1)).update_params(
-        conv(torch.ones(1, 16, 3, 3)).sum())
+    x = torch.randn(1, 16, 3, 3)
+    w0 = conv.weight.detach().clone()
+    # reference (SPEC §1.5): forward with W ⊙ S, the gradient passes straight through to W
+    masked = (w0 * conv.mask).requires_grad_()
+    torch.nn.functional.conv2d(x, masked, conv.bias.detach()).sum().backward()
+    OptimWrapper(torch.optim.SGD(conv.parameters(), lr=0.1)).update_params(conv(x).sum())
+    torch.testing.assert_close(conv.weight.detach(), w0 - 0.1 * masked.grad)
 
 
 def test_refresh_skips_unchanged_weights_and_follows_optimizer_steps():

@@ -7,11 +7,16 @@ import mmsparse  # noqa: F401
 from mmsparse.sapp import Phase, PhaseSchedule, SequentialAttentionHook, cyclic_phases, ramp
 
 
+def _ramp(x: float, c: float = 4.0) -> float:
+    """SPEC: the exponential ramp (1 - e^(-c x)) / (1 - e^(-c)), written independently."""
+    return (1 - math.exp(-c * x)) / (1 - math.exp(-c))
+
+
 @pytest.mark.parametrize('c', [2.0, 4.0, 8.0])
 def test_ramp_values(c):
     assert ramp(0.0, c) == 0.0 and ramp(1.0, c) == pytest.approx(1.0)
     for x in (0.1, 0.25, 0.5, 0.9):
-        assert ramp(x, c) == pytest.approx((1 - math.exp(-c * x)) / (1 - math.exp(-c)))
+        assert ramp(x, c) == pytest.approx(_ramp(x, c))
     assert ramp(0.5, 4.0) == pytest.approx(0.8807970779778823)  # (1 - e^-2) / (1 - e^-4)
 
 
@@ -29,15 +34,15 @@ def test_phase_sequence_of_compact_config():
 
 def test_levels_along_the_ramp():
     sched = PhaseSchedule(cyclic_phases(warmup=2, sparsify=4, sparse=1, dense=1, cycles=2), c=4.0)
-    # iteration t of the phase [2, 6) runs at ramp((t - 2 + 1) / 4)
+    # iteration t of the phase [2, 6) runs at _ramp((t - 2 + 1) / 4)
     levels = [sched.level_at(t) for t in range(12)]
     assert levels[:2] == [0.0, 0.0]
-    assert levels[2:6] == pytest.approx([ramp(k / 4, 4.0) for k in (1, 2, 3, 4)])
+    assert levels[2:6] == pytest.approx([_ramp(k / 4, 4.0) for k in (1, 2, 3, 4)])
     assert levels[6] == 1.0 and levels[7] == 0.0 and levels[11] == 1.0
-    assert sched.n_pruned(2, 0.5, 100) == round(50 * ramp(0.25))
+    assert sched.n_pruned(2, 0.5, 100) == round(50 * _ramp(0.25))
     # two increments per phase: the share steps at the middle and the end
     two = PhaseSchedule(cyclic_phases(2, 4, 1, 1, 2), c=4.0, increments=2)
-    assert [two.level_at(t) for t in range(2, 6)] == pytest.approx([0, ramp(0.5), ramp(0.5), 1.0])
+    assert [two.level_at(t) for t in range(2, 6)] == pytest.approx([0, _ramp(0.5), _ramp(0.5), 1.0])
 
 
 def test_step_schedules_acdc_and_oneshot():
@@ -84,4 +89,4 @@ def test_by_epoch_phases_convert_to_iterations():
     assert [(p.kind, p.begin, p.end) for p in sched.phases] == [
         ('dense', 0, 5), ('sparsify', 5, 15), ('sparse', 15, 20), ('dense', 20, 25),
         ('sparsify', 25, 35), ('sparse', 35, None)]
-    assert sched.level_at(9) == pytest.approx(ramp(0.5))
+    assert sched.level_at(9) == pytest.approx(_ramp(0.5))
