@@ -125,13 +125,16 @@ class SequentialAttentionHook(Hook):
         ``frozen_stages``) are excluded: a frozen layer can neither train its attention nor regrow
         revived weights, so it is left unpruned (all blocks kept).
         """
-        return [(n, m) for n, m in self._model(runner).named_modules()
-                if isinstance(m, BlockSparseMixin) and m.is_sparse and m.weight.requires_grad]
+        return [(n, m) for n, m in self._all_layers(runner) if m.is_sparse and m.weight.requires_grad]
 
     def frozen_layers(self, runner) -> List[str]:
         """Names of block-sparse layers left unpruned because their weight is frozen."""
-        return [n for n, m in self._model(runner).named_modules()
-                if isinstance(m, BlockSparseMixin) and m.is_sparse and not m.weight.requires_grad]
+        return [n for n, m in self._all_layers(runner) if m.is_sparse and not m.weight.requires_grad]
+
+    def _all_layers(self, runner) -> List[Tuple[str, BlockSparseMixin]]:
+        """Every layer of these methods, dense-by-rule and frozen ones included."""
+        return [(n, m) for n, m in self._model(runner).named_modules()
+                if isinstance(m, BlockSparseMixin)]
 
     def target_for(self, name: str) -> float:
         """Target block sparsity of layer ``name``."""
@@ -174,15 +177,13 @@ class SequentialAttentionHook(Hook):
 
     def _check_finite(self, runner, advice: str) -> None:
         """Raise ``FloatingPointError`` naming layers with NaN/inf weights or logits."""
-        layers = [(n, m) for n, m in self._model(runner).named_modules()
-                  if isinstance(m, BlockSparseMixin)]
-        check_finite(type(self).__name__, layer_tensors(layers, ('weight', 'block_logits')),
+        check_finite(type(self).__name__,
+                     layer_tensors(self._all_layers(runner), ('weight', 'block_logits')),
                      runner.iter, advice)
 
     def _no_layer_message(self, runner) -> str:
         """Why :meth:`block_layers` is empty: no block-sparse layer, or all dense / frozen."""
-        present = [(n, m) for n, m in self._model(runner).named_modules()
-                   if isinstance(m, BlockSparseMixin)]
+        present = self._all_layers(runner)
         if not present:
             return ('SequentialAttentionHook found no block-sparse layer: set conv_cfg to '
                     'SAPPConv2d / MagnitudeBlockConv2d or use ConvertedModel')
