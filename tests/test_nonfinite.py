@@ -175,9 +175,12 @@ def test_sapp_refuses_nonfinite_checkpoint_before_the_first_step(tmp_path, key, 
     assert runner.model.fc1.n_pruned == runner.model.fc2.n_pruned == 0
 
 
-def test_sapp_stops_at_the_step_that_diverged(tmp_path):
+@pytest.mark.parametrize('interval', [1, 50])
+def test_sapp_stops_at_the_step_that_diverged(tmp_path, interval):
+    """Weights are checked at log intervals, and at once after a step whose loss is not finite."""
     # batches of 4 without shuffling: iteration 2 is the first with NaN inputs
-    runner = _runner(tmp_path, _SAPPToy(), TOY_SAPP_HOOK, data=_Data(nan_from=8))
+    hook = dict(TOY_SAPP_HOOK, interval=interval)
+    runner = _runner(tmp_path, _SAPPToy(), hook, data=_Data(nan_from=8))
     with pytest.raises(FloatingPointError,
                        match=r'^SequentialAttentionHook: fc1\.weight holds \d+ NaN/inf values at '
                              r'iteration 2 \(and \d+ more tensor\(s\): .*training diverged'):

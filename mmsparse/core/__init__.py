@@ -5,7 +5,7 @@ from .blocks import (BlockPattern, BlockViolation, block_grid, block_incompatibi
                      bsr_to_weight, expand_block_mask, from_view_2d, is_block, nonzero_blocks,
                      view_2d)
 from .finite import (ADVICE_DIVERGED, ADVICE_LOADED, NonFinite, check_finite, find_nonfinite,
-                     layer_tensors, nonfinite_message)
+                     finite_loss, layer_tensors, nonfinite_message)
 from .masks import hard_nm_mask, hard_nm_mask_blocks, largest_indices, smallest_indices
 from .patterns import (NMPattern, from_blocks, max_nonzeros_per_block, nm_incompatibility,
                        to_blocks)
@@ -20,6 +20,6 @@ __all__ = [
     'verify_state_dict', 'BlockPattern', 'BlockViolation', 'is_block', 'view_2d', 'from_view_2d',
     'block_grid', 'block_incompatibility', 'block_multiply', 'block_norms', 'expand_block_mask',
     'nonzero_blocks', 'block_sparsity', 'block_violations', 'block_report', 'blocks_to_bsr', 'bsr_to_weight',
-    'ADVICE_DIVERGED', 'ADVICE_LOADED', 'NonFinite', 'check_finite', 'find_nonfinite',
+    'ADVICE_DIVERGED', 'ADVICE_LOADED', 'NonFinite', 'check_finite', 'find_nonfinite', 'finite_loss',
     'layer_tensors', 'nonfinite_message'
 ]

@@ -109,3 +109,13 @@ def check_finite(owner: str, tensors: TensorSource, iteration: Optional[int] = N
     bad = find_nonfinite(tensors)
     if bad:
         raise FloatingPointError(nonfinite_message(owner, bad, iteration, advice))
+
+
+def finite_loss(outputs) -> bool:
+    """Whether a training step's ``outputs`` (mmengine's log vars) report a finite ``loss``.
+
+    A hook's ``after_train_iter`` can test this scalar every step for free and run the full tensor
+    check (:func:`check_finite`) only when it fails; ``False`` when there is no loss to read.
+    """
+    loss = outputs.get('loss') if isinstance(outputs, Mapping) else None
+    return loss is not None and bool(torch.isfinite(torch.as_tensor(loss)).all())
