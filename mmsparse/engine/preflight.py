@@ -12,7 +12,9 @@ Settings, in the config (all optional)::
     preflight = dict(max_dense_share=0.5)   # refuse when more targeted layers stay dense
 """
 import json
+import os
 import os.path as osp
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
@@ -62,6 +64,13 @@ def resolve_resume(cfg: Config, resume: Optional[str], report: PreflightReport) 
         return
     from mmengine.runner import find_latest_checkpoint
     latest = find_latest_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
+    if latest is not None and not osp.isfile(latest):
+        # a run killed while writing `last_checkpoint` leaves it empty (mmengine writes it in place,
+        # after the checkpoint itself): take the newest checkpoint file instead
+        stale, latest = latest, _newest_checkpoint(cfg.work_dir)
+        report.notes.append(f'--resume: {osp.join(cfg.work_dir, "last_checkpoint")} names '
+                            f'{stale!r}, which does not exist (a killed run?); using the newest '
+                            f'checkpoint file, {latest}')
     if latest is not None:
         cfg.resume, cfg.load_from = True, latest
         report.notes.append(f'--resume: resuming from {latest}, the latest checkpoint in '
@@ -70,6 +79,13 @@ def resolve_resume(cfg: Config, resume: Optional[str], report: PreflightReport) 
     cfg.resume = False
     start = f'from load_from={cfg.load_from}' if cfg.get('load_from') else 'from the initial weights'
     report.notes.append(f'--resume: no checkpoint in {cfg.work_dir} yet; starting a new run {start}')
+
+
+def _newest_checkpoint(work_dir: str) -> Optional[str]:
+    """The ``iter_N.pth`` / ``epoch_N.pth`` of ``work_dir`` with the largest N, if any."""
+    found = [(int(m.group(2)), m.group(1) == 'iter', name) for name in os.listdir(work_dir)
+             if (m := re.fullmatch(r'(iter|epoch)_(\d+)\.pth', name))]
+    return osp.join(work_dir, max(found)[2]) if found else None
 
 
 # -- data -------------------------------------------------------------------------------------------

@@ -35,6 +35,17 @@ def test_resume_without_checkpoint_keeps_load_from(tiny_coco, tmp_path):
     assert 'no checkpoint in' in report.notes[0] and 'load_from=dense.pth' in report.notes[0]
 
 
+def test_resume_after_a_kill_that_emptied_last_checkpoint(tiny_coco, tmp_path):
+    cfg = _cfg(tiny_coco, tmp_path)
+    for name in ('iter_2.pth', 'iter_10.pth', 'iter_4.pth'):
+        (tmp_path / 'wd' / name).write_bytes(b'')
+    (tmp_path / 'wd' / 'last_checkpoint').write_text('')
+    report = PreflightReport()
+    resolve_resume(cfg, 'auto', report)
+    assert cfg.resume and cfg.load_from == str(tmp_path / 'wd' / 'iter_10.pth')
+    assert "names '', which does not exist" in report.notes[0]
+
+
 def test_resume_picks_the_latest_checkpoint(tiny_coco, tmp_path):
     cfg = _cfg(tiny_coco, tmp_path, load_from='dense.pth')
     ckpt = tmp_path / 'wd' / 'iter_2.pth'
