@@ -41,7 +41,6 @@ Writes ``benchmark_infer.json`` and ``benchmark_infer.png``.
 """
 import argparse
 import copy
-import math
 import os
 import os.path as osp
 import platform
@@ -57,9 +56,10 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, R
 from torch import Tensor, nn
 
 import mmsparse  # noqa: F401  (registers the safe checkpoint loader used for training checkpoints)
-from mmsparse.core import BlockPattern, NMPattern, block_sparsity, is_block, is_nm, verify_state_dict
-from mmsparse.export.fold import (FOLD_META_KEY, PatternViolationError, build_model,
-                                  declared_patterns, load_plain_checkpoint, quant_grid_violations)
+from mmsparse.core import BlockPattern, FoldSpec, QuantGrid
+from mmsparse.core.macs import MacCounter
+from mmsparse.export import (PatternViolationError, build_model, checkpoint_specs,
+                             load_plain_checkpoint, verify_folded)
 from mmsparse.export.onnx import custom_op_domains, default_deploy_config, export_onnx, verify_onnx
 from mmsparse.utils import atomic_write, write_json
 
@@ -93,45 +93,34 @@ def fixed_batch(cfg: Config, model: nn.Module, size: int) -> Tuple[Tensor, list]
     return data['inputs'], data['data_samples']
 
 
-def fold_layers(checkpoint: str) -> Dict[str, dict]:
-    """``{layer: fold info}`` recorded in a folded checkpoint's meta (empty for a plain checkpoint)."""
-    meta = load_plain_checkpoint(checkpoint).get('meta') or {}
-    return (meta.get(FOLD_META_KEY) or {}).get('layers', {})
+def fold_specs_of(checkpoint: str) -> Dict[str, FoldSpec]:
+    """``{layer: FoldSpec}`` recorded in a folded checkpoint's meta (empty for a plain checkpoint)."""
+    try:
+        return dict(checkpoint_specs(load_plain_checkpoint(checkpoint), checkpoint))
+    except ValueError:
+        return {}
 
 
-def check_folded(model: nn.Module, layers: Mapping[str, dict]) -> None:
-    """Raise :class:`PatternViolationError` if the weights in ``model`` break a declared pattern.
-
-    Sparsity patterns (N:M, block) and the quantization grids of quantized layers are checked.
-    """
-    state = model.state_dict()
-    violations = verify_state_dict(state, declared_patterns(layers))
-    violations += quant_grid_violations(state, layers)
-    if violations:
-        raise PatternViolationError(violations)
-
-
-def sparse_layers(model: nn.Module, layers: Mapping[str, dict]) -> Dict[str, dict]:
+def sparse_layers(model: nn.Module, specs: Mapping[str, FoldSpec]) -> Dict[str, dict]:
     """``{layer: dict(pattern, density[, zero_block_share])}`` of the layers declared N:M or block.
 
-    ``density`` is the share of the layer's MACs a sparse kernel computes: N/M for N:M, and for a
-    block layer one minus ``zero_block_share``, its share of all-zero blocks in ``model``'s weight.
+    ``density`` is the share of the layer's MACs a sparse kernel computes (the pattern's
+    ``density``): N/M for N:M, and for a block layer one minus ``zero_block_share``, its share of
+    all-zero blocks in ``model``'s weight.
     """
     state = model.state_dict()
     out = {}
-    for name, entry in layers.items():
-        text = entry['pattern']
-        if is_nm(text):
-            pattern = NMPattern.parse(text)
-            out[name] = dict(pattern=text, density=pattern.n / pattern.m)
-        elif is_block(text):
-            share = block_sparsity(state[f'{name}.weight'], BlockPattern.parse(text).size)
-            out[name] = dict(pattern=text, density=1.0 - share, zero_block_share=share)
+    for name, spec in specs.items():
+        if spec.sparse:
+            density = spec.pattern.density(state[f'{name}.weight'])
+            out[name] = dict(pattern=str(spec.pattern), density=density)
+            if isinstance(spec.pattern, BlockPattern):
+                out[name]['zero_block_share'] = 1.0 - density
     return out
 
 
-def describe(sparse: Mapping[str, dict], quantized: Mapping[str, str],
-             onnx_verified: Mapping[str, dict]) -> List[str]:
+def describe(specs: Mapping[str, FoldSpec], sparse: Mapping[str, dict],
+             quantized: Mapping[str, str], onnx_verified: Mapping[str, dict]) -> List[str]:
     """Lines saying what the folded checkpoint declares, what was verified and how MACs are counted."""
     lines = []
     nm = [v['pattern'] for v in sparse.values() if 'zero_block_share' not in v]
@@ -139,7 +128,7 @@ def describe(sparse: Mapping[str, dict], quantized: Mapping[str, str],
     if nm:
         lines.append(f'{len(nm)} N:M layers ({", ".join(sorted(set(nm)))}), counted at N/M of their MACs')
     if blocks:
-        declared = [BlockPattern.parse(v['pattern']) for v in blocks]
+        declared = [specs[name].pattern for name, v in sparse.items() if 'zero_block_share' in v]
         sizes = ', '.join(sorted({f'block{p.size}' for p in declared}))
         minimum = [p.min_sparsity or 0.0 for p in declared]
         shares = [v['zero_block_share'] for v in blocks]
@@ -161,45 +150,6 @@ def describe(sparse: Mapping[str, dict], quantized: Mapping[str, str],
     lines.append('PyTorch and ONNX Runtime on the CPU run both models as dense fp32 convolutions; the '
                  'theoretical ratio is what a sparse kernel could reach at best')
     return lines
-
-
-class MacCounter:
-    """MACs of every conv, deconv and linear call while active; sparse layers also at their density.
-
-    Args:
-        model (nn.Module): The model to watch.
-        density (dict): ``{layer name: share of MACs computed}`` of the sparse layers; other layers
-            count fully.
-    """
-
-    def __init__(self, model: nn.Module, density: Mapping[str, float]) -> None:
-        self.model, self.density = model, density
-        self.dense = self.sparse = 0.0
-        self._handles: list = []
-
-    def _hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if isinstance(module, nn.ConvTranspose2d):
-                macs = inputs[0].numel() * module.out_channels // module.groups * \
-                    math.prod(module.kernel_size)
-            elif isinstance(module, nn.Conv2d):
-                macs = output.numel() * module.in_channels // module.groups * \
-                    math.prod(module.kernel_size)
-            else:
-                macs = output.numel() * module.in_features
-            self.dense += macs
-            self.sparse += macs * self.density.get(name, 1.0)
-        return hook
-
-    def __enter__(self) -> 'MacCounter':
-        for name, module in self.model.named_modules():
-            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-                self._handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 class FeatureGraph(nn.Module):
@@ -371,11 +321,12 @@ def main(argv=None) -> None:
         folded_cfg.merge_from_dict(args.cfg_options)
     dense = load_detector(dense_cfg, args.dense_checkpoint)
     folded = load_detector(folded_cfg, args.folded_checkpoint)
-    layers = fold_layers(args.folded_checkpoint)
-    check_folded(folded, layers)
-    sparse = sparse_layers(folded, layers)
+    specs = fold_specs_of(args.folded_checkpoint)
+    verify_folded(folded.state_dict(), specs)
+    sparse = sparse_layers(folded, specs)
     density = {name: v['density'] for name, v in sparse.items()}
-    quantized = {name: v['pattern'] for name, v in layers.items() if 'bits_w' in v}
+    quantized = {name: str(s.pattern) for name, s in specs.items()
+                 if isinstance(s.pattern, QuantGrid)}
 
     largest = max(args.batch_sizes)
     inputs, samples = fixed_batch(dense_cfg, dense, largest)
@@ -393,7 +344,7 @@ def main(argv=None) -> None:
                                       image, deploy_cfg)}
     onnx_verified = {}
     for graph, path in onnx_files['folded'].items():
-        violations, missing = verify_onnx(path, {k: v['pattern'] for k, v in sparse.items()})
+        violations, missing = verify_onnx(path, specs)
         if violations:
             raise PatternViolationError(violations)
         onnx_verified[graph] = dict(verified=len(sparse) - len(missing), missing=missing)
@@ -417,7 +368,7 @@ def main(argv=None) -> None:
                         row['error'] = str(err).splitlines()[0][:200]
                         rows.append(row)
                         continue
-                    with MacCounter(folded, density) as macs:
+                    with MacCounter(folded) as macs:
                         (folded.extract_feat(x) if graph == 'backbone+neck'
                          else folded(x, copy.deepcopy(data_samples), mode='predict'))
                     times = measure([fn for fn, _ in cases], args.warmup, args.iters)
@@ -427,15 +378,15 @@ def main(argv=None) -> None:
                            paired_ratio_quartiles=statistics.quantiles(paired, n=4),
                            dense_img_s=batch / dense_s, folded_img_s=batch / folded_s,
                            dense_times=times[0], folded_times=times[1],
-                           gmac_per_img=macs.dense / batch / 1e9,
-                           sparse_gmac_per_img=macs.sparse / batch / 1e9,
-                           theoretical_ratio=macs.sparse / macs.dense,
+                           gmac_per_img=macs.total / batch / 1e9,
+                           sparse_gmac_per_img=macs.weighted(density) / batch / 1e9,
+                           theoretical_ratio=macs.weighted(density) / macs.total,
                            dense_dets_per_img=dets[0], folded_dets_per_img=dets[1],
                            within_target=TARGET[0] <= folded_s / dense_s <= TARGET[1])
                 rows.append(row)
 
     table = format_table(rows)
-    notes = describe(sparse, quantized, onnx_verified)
+    notes = describe(specs, sparse, quantized, onnx_verified)
     print('\n'.join(notes + ['', table]))
     report = dict(
         dense_config=args.dense_config, dense_checkpoint=args.dense_checkpoint,

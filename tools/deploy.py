@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     from mmsparse.export import (build_ort_model, build_task_processor, export_onnx,
                                  first_test_image, verify_onnx)
     from mmsparse.export.evaluate import compare_graph_outputs, compare_models, exported_graph_model
-    from mmsparse.export.fold import FOLD_META_KEY, PatternViolationError
+    from mmsparse.export.verify import PatternViolationError, checkpoint_specs
     from mmsparse.utils import write_json
     register_all_modules()
 
@@ -116,11 +116,12 @@ def main(argv=None) -> int:
     print(f'exported {result.onnx_file} ({result.size_bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s')
 
     ckpt = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
-    layers = (ckpt.get('meta') or {}).get(FOLD_META_KEY, {}).get('layers', {})
-    patterns = {k: v['pattern'] for k, v in layers.items()}
-    violations, missing = verify_onnx(result.onnx_file, patterns)
-    from mmsparse.export.onnx import checkable_pattern
-    checked = sum(checkable_pattern(p) for p in patterns.values()) - len(missing)
+    try:
+        specs = checkpoint_specs(ckpt, args.checkpoint)
+    except ValueError:  # a plain checkpoint: nothing declared
+        specs = {}
+    violations, missing = verify_onnx(result.onnx_file, specs)
+    checked = sum(spec.sparse for spec in specs.values()) - len(missing)
     print(f'ONNX pattern check: {checked} layers verified, {len(missing)} not found '
           f'{missing[:5] if missing else ""}')
     summary.update(onnx_layers_verified=checked, onnx_layers_missing=missing)

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import mmsparse  # noqa: F401  registers mmsparse's layers and its safe checkpoint loader
     from mmsparse.core import format_report
-    from mmsparse.export.fold import PatternViolationError, fold_checkpoint, verify_checkpoint
+    from mmsparse.export import PatternViolationError, fold_checkpoint, verify_checkpoint
 
     if args.verify is not None:
         from mmengine.runner.checkpoint import CheckpointLoader
@@ -117,12 +117,11 @@ def main(argv=None) -> int:
     if args.compressed:
         import torch
         from mmsparse.export.compressed import save_compressed, storage_sizes
-        ckpt = torch.load(result.checkpoint, map_location='cpu', weights_only=True)
-        patterns = {k: v['pattern'] for k, v in result.layers.items()}
+        state = torch.load(result.checkpoint, map_location='cpu', weights_only=True)
         path = result.checkpoint[:-len('.pth')] + '.safetensors'
-        save_compressed(path, ckpt['state_dict'], patterns, ckpt['meta'])
-        print(storage_sizes(ckpt['state_dict'], patterns).format())
-        print(f'compressed N:M checkpoint: {path}')
+        save_compressed(path, state['state_dict'], result.specs, state['meta'])
+        print(storage_sizes(state['state_dict'], result.specs).format())
+        print(f'compressed checkpoint (N:M values + indices, BSR blocks, integer codes): {path}')
     return 0
 
 

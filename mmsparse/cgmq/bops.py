@@ -23,6 +23,7 @@ import torch
 from mmengine.model import is_model_wrapper
 from torch import nn
 
+from ..core.macs import MacCounter
 from .layers import CGMQMixin
 
 
@@ -34,13 +35,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 def cgmq_layers(model: nn.Module) -> List[Tuple[str, CGMQMixin]]:
     """All CGMQ layers of ``model`` with their names."""
     return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, CGMQMixin)]
-
-
-def _layer_macs(module: nn.Module, output: torch.Tensor) -> int:
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return output.numel() * (module.in_channels // module.groups) * kh * kw
-    return output.numel() * module.in_features
 
 
 def _synthetic_proposals(num_rois: int, height: int, width: int) -> torch.Tensor:
@@ -93,21 +87,15 @@ def trace_macs(model: nn.Module, input_shape: Sequence[int] = (3, 800, 1333),
     if not layers:
         raise ValueError('the model has no CGMQ layer: set conv_cfg to CGMQConv2d or use '
                          'ConvertedModel with CGMQConv2d / CGMQLinear rules')
-    counts: Dict[str, int] = {name: 0 for name, _ in layers}
-    handles = []
-    for name, layer in layers:
-        def hook(mod, inputs, output, name=name):
-            counts[name] += _layer_macs(mod, output)
-        handles.append(layer.register_forward_hook(hook))
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        _run_model(model, input_shape, num_rois)
+        with MacCounter(model, [name for name, _ in layers]) as counter:
+            _run_model(model, input_shape, num_rois)
     finally:
-        for h in handles:
-            h.remove()
         for m, mode in modes.items():
             m.training = mode
+    counts = counter.counts
     unreached = [n for n, c in counts.items() if c == 0]
     if unreached:
         raise ValueError(f'the MACs-tracing forward did not reach CGMQ layers {unreached[:5]}'

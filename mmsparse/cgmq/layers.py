@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
+from ..core.quant import QuantGrid
+from ..core.spec import FoldSpec, QuantizedLayer
 from .quantizer import (BIT_WIDTHS, bits_from_gates, code_range, gate_values_for_bits,
                         nested_quantize, scales)
 
 
-class CGMQMixin:
+class CGMQMixin(QuantizedLayer):
     """Shared CGMQ machinery of :class:`CGMQConv2d` and :class:`CGMQLinear`.
 
     Attributes:
@@ -138,8 +140,8 @@ class CGMQMixin:
         return nested_quantize(self.weight, self._weight_beta(), True, self.weight_gate)
 
     @torch.no_grad()
-    def quant_grid(self) -> dict:
-        """The current quantization grids as plain Python values.
+    def fold_spec(self) -> FoldSpec:
+        """The bit widths and the current grids (:class:`~mmsparse.core.QuantGrid`).
 
         ``weight_scale``: the step of the ``bits_w``-bit weight grid per output channel (one value
         for a per-tensor range), so ``weight / weight_scale`` are integer codes; ``act_scale``: the
@@ -153,13 +155,14 @@ class CGMQMixin:
             beta_a = self._act_beta()
             span = 2.0 * beta_a if bool(self.act_signed) else beta_a
             act_scale = float(scales(span)[BIT_WIDTHS.index(self.bits_a)])
-        return dict(weight_scale=[float(v) for v in weight_scale.cpu()], act_scale=act_scale,
-                    act_signed=bool(self.act_signed))
+        grid = QuantGrid(self.bits_w, self.bits_a, tuple(float(v) for v in weight_scale.cpu()),
+                         act_scale, bool(self.act_signed))
+        return FoldSpec(self.method, grid)
 
-    def fold_info(self) -> dict:
-        """What export and the report record for this layer: bit widths and grids."""
-        return dict(method='cgmq', pattern=f'w{self.bits_w}a{self.bits_a}', bits_w=self.bits_w,
-                    bits_a=self.bits_a, **self.quant_grid())
+    @property
+    def quantizes_input(self) -> bool:
+        """Whether the input activation is quantized."""
+        return self.quant_act
 
     # -- QDQ export (mmsparse.export.qdq) -------------------------------------------------------
     @torch.no_grad()
@@ -187,22 +190,20 @@ class CGMQMixin:
                 clip = (-float(beta) if signed else 0.0, float(beta))
         # a (frozen, temporary) parameter, so the exporter keeps it as an initializer feeding the
         # Q/DQ nodes instead of folding them into a float constant
-        self.qdq_weight = nn.Parameter(w_q, requires_grad=False)
+        setattr(self, self.QDQ_WEIGHT, nn.Parameter(w_q, requires_grad=False))
         self._qdq = dict(w_scale=w_scale, act=act, clip=clip)
 
     def release_qdq(self) -> None:
         """Drop the constants of :meth:`prepare_qdq`."""
         self._qdq = None
-        if 'qdq_weight' in self._parameters:
-            del self._parameters['qdq_weight']
+        self._parameters.pop(self.QDQ_WEIGHT, None)
 
     def _qdq_weight(self) -> Tensor:
-        qdq = self._qdq
+        qdq, weight = self._qdq, getattr(self, self.QDQ_WEIGHT)
         if qdq['w_scale'] is None:
-            return self.qdq_weight  # carried in float (the 16/32-bit grid is finer than int8)
+            return weight  # carried in float (the 16/32-bit grid is finer than int8)
         zero = torch.zeros(qdq['w_scale'].numel(), dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(self.qdq_weight, qdq['w_scale'], zero, 0,
-                                                      -128, 127)
+        return torch.fake_quantize_per_channel_affine(weight, qdq['w_scale'], zero, 0, -128, 127)
 
     def _qdq_input(self, x: Tensor) -> Tensor:
         if self._qdq['act'] is None:

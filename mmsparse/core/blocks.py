@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -46,7 +47,38 @@ class BlockPattern:
         return cls(int(found.group(1)), None if found.group(2) is None else float(found.group(2)))
 
     def __str__(self) -> str:
-        return f'block{self.size}' + ('' if self.min_sparsity is None else f'@{self.min_sparsity:g}')
+        if self.min_sparsity is None:
+            return f'block{self.size}'
+        return f'block{self.size}@{np.format_float_positional(self.min_sparsity, trim="-")}'
+
+    def meta(self) -> dict:
+        """The plain values recorded beside the pattern string in the fold meta."""
+        return dict(block_size=self.size, sparsity=self.min_sparsity)
+
+    def density(self, weight: Tensor) -> float:
+        """The share of non-zero blocks: what a block-sparse kernel computes."""
+        return 1.0 - block_sparsity(weight, self.size)
+
+    #: the weight has a compressed storage (:meth:`pack` / :meth:`unpack`)
+    packable = True
+
+    def violations(self, layer: str, weight: Tensor) -> List['BlockViolation']:
+        """See :func:`block_violations`."""
+        return block_violations(layer, weight, self)
+
+    def pack(self, weight: Tensor) -> Dict[str, Tensor]:
+        """BSR arrays of the weight's 2-D view (:func:`blocks_to_bsr`): zero blocks not stored."""
+        return blocks_to_bsr(weight, self.size)
+
+    def unpack(self, tensors: Mapping[str, Tensor], shape) -> Tensor:
+        """The dense weight of ``shape`` from :meth:`pack` output (bit-exact)."""
+        return bsr_to_weight(tensors, shape, self.size)
+
+    def stored_nbytes(self, weight: Tensor, value_bytes: int) -> int:
+        """Bytes of :meth:`pack` output with values of ``value_bytes`` each (int64 indices)."""
+        rows, _ = block_grid(weight.shape, self.size)
+        kept = int(nonzero_blocks(weight, self.size).sum())
+        return kept * self.size ** 2 * value_bytes + (kept + rows + 1) * 8
 
 
 def is_block(pattern: str) -> bool:
@@ -196,20 +228,6 @@ def block_violations(name: str, weight: Tensor, pattern: BlockPattern) -> List[B
         return [BlockViolation(name, str(pattern),
                                f'{zeros}/{n_blocks} blocks are exactly zero, {needed} required')]
     return []
-
-
-def block_report(state_dict: Mapping[str, Tensor], patterns: Dict[str, str]) -> Dict[str, float]:
-    """Share of all-zero blocks of every layer declared with a block pattern in ``patterns``."""
-    shares = {}
-    for layer, text in patterns.items():
-        if is_block(text):
-            weight = state_dict[f'{layer}.weight']
-            size = BlockPattern.parse(text).size
-            try:
-                shares[layer] = block_sparsity(weight, size)
-            except ValueError:
-                shares[layer] = float('nan')
-    return shares
 
 
 def blocks_to_bsr(weight: Tensor, size: int) -> Dict[str, Tensor]:

@@ -1,13 +1,11 @@
-"""Per-layer and whole-model sparsity report, and a pattern verifier for any state dict."""
-import re
+"""Per-layer and whole-model sparsity report, and the pattern verifier for any state dict."""
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Union
+from typing import Iterable, List, Mapping, Optional
 
-import torch
 from torch import Tensor, nn
 
-from .blocks import BlockPattern, BlockViolation, block_violations, is_block
-from .patterns import NMPattern, to_blocks
+from .patterns import NMPattern, Violation, to_blocks
+from .spec import CompressedLayer, FoldSpec
 
 
 @dataclass
@@ -16,7 +14,7 @@ class LayerStat:
 
     name: str
     shape: tuple
-    pattern: str            # 'N:M', or 'dense'
+    pattern: str            # the pattern as recorded ('1:16', 'block16@0.7', 'w4a8'), or 'dense'
     reason: Optional[str]   # why the layer is dense, when it is
     numel: int
     zeros: int
@@ -28,33 +26,39 @@ class LayerStat:
         return self.zeros / max(self.numel, 1)
 
 
-def is_nm(pattern: str) -> bool:
-    """Whether a pattern string is an N:M pattern like ``'2:4'``."""
-    return re.fullmatch(r'\d+:\d+', pattern) is not None
-
-
-def _stat(name: str, weight: Tensor, pattern: str, reason: Optional[str]) -> LayerStat:
+def layer_stat(name: str, weight: Tensor, spec: Optional[FoldSpec]) -> LayerStat:
+    """The report row of one weight; ``spec=None`` for a layer no method converted."""
     weight = weight.detach()
+    pattern = spec.pattern if spec is not None else None
     max_nnz = None
-    if is_nm(pattern):
-        max_nnz = int((to_blocks(weight, NMPattern.parse(pattern).m) != 0).sum(dim=1).max().item())
-    return LayerStat(name, tuple(weight.shape), pattern, reason, weight.numel(),
+    if isinstance(pattern, NMPattern):
+        max_nnz = int((to_blocks(weight, pattern.m) != 0).sum(dim=1).max().item())
+    return LayerStat(name, tuple(weight.shape), 'dense' if spec is None else str(pattern),
+                     'not converted' if spec is None else spec.reason, weight.numel(),
                      int((weight == 0).sum().item()), max_nnz)
 
 
 def model_report(model: nn.Module) -> List[LayerStat]:
-    """Report every conv and linear layer of ``model``; compressed layers report their folded weight.
-
-    A compressed layer provides ``folded_weight()`` and ``fold_info()`` (see :mod:`mmsparse.export`).
-    """
+    """Report every conv and linear layer of ``model``; compressed layers report their folded weight."""
     stats = []
     for name, module in model.named_modules():
-        if hasattr(module, 'fold_info'):
-            info = module.fold_info()
-            stats.append(_stat(name, module.folded_weight(), info['pattern'], info.get('reason')))
+        if isinstance(module, CompressedLayer):
+            stats.append(layer_stat(name, module.folded_weight(), module.fold_spec()))
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
-            stats.append(_stat(name, module.weight, 'dense', 'not converted'))
+            stats.append(layer_stat(name, module.weight, None))
     return stats
+
+
+def state_dict_report(state_dict: Mapping[str, Tensor],
+                      specs: Mapping[str, FoldSpec]) -> List[LayerStat]:
+    """Report rows of a (folded) state dict: declared layers plus every other 2-D/4-D weight."""
+    rows = []
+    for key, value in state_dict.items():
+        if not key.endswith('.weight') or not isinstance(value, Tensor) or value.dim() not in (2, 4):
+            continue
+        name = key[:-len('.weight')]
+        rows.append(layer_stat(name, value, specs.get(name)))
+    return rows
 
 
 def overall_sparsity(stats: Iterable[LayerStat]) -> float:
@@ -78,55 +82,22 @@ def format_report(stats: List[LayerStat]) -> str:
     return '\n'.join(lines)
 
 
-@dataclass
-class Violation:
-    """A block that breaks its declared N:M pattern."""
+def verify_state_dict(state_dict: Mapping[str, Tensor], specs: Mapping[str, FoldSpec]) -> list:
+    """Every violation of the declared ``{layer: FoldSpec}`` by the ``<layer>.weight`` tensors.
 
-    layer: str
-    block: tuple     # (out channel, kernel row, kernel col, first input channel) or (out, first in)
-    nonzeros: int
-    pattern: str
-
-    def __str__(self) -> str:
-        return (f'{self.layer}: block {self.block} has {self.nonzeros} non-zeros, pattern '
-                f'{self.pattern} allows {NMPattern.parse(self.pattern).n}')
-
-
-def nm_violations(name: str, weight: Tensor, pattern: NMPattern, limit: int = 10) -> List[Violation]:
-    """Blocks of ``weight`` with more than ``pattern.n`` non-zeros (at most ``limit`` of them)."""
-    nnz = (to_blocks(weight.detach(), pattern.m) != 0).sum(dim=1)
-    bad = torch.nonzero(nnz > pattern.n).flatten()[:limit].tolist()
-    if weight.dim() == 4:
-        o, i, kh, kw = weight.shape
-        blocks_per_pos = i // pattern.m
-        coords = [(b // (kh * kw * blocks_per_pos), b // (kw * blocks_per_pos) % kh,
-                   b // blocks_per_pos % kw, b % blocks_per_pos * pattern.m) for b in bad]
-    else:
-        blocks_per_row = weight.shape[1] // pattern.m
-        coords = [(b // blocks_per_row, b % blocks_per_row * pattern.m) for b in bad]
-    return [Violation(name, c, int(nnz[b]), str(pattern)) for c, b in zip(coords, bad)]
-
-
-def verify_state_dict(state_dict: Mapping[str, Tensor],
-                      patterns: Dict[str, str]) -> List[Union[Violation, BlockViolation]]:
-    """Check ``{layer name: pattern}`` on the ``<layer>.weight`` tensors of a state dict.
-
-    Patterns are N:M (``'2:4'``: at most N non-zeros per block of M input channels) or block
-    (``'block16'``: 16×16 tiles of the 2-D view; ``'block16@0.7'``: and at least 70% of them exactly
-    zero, see :mod:`mmsparse.core.blocks`). Other strings (``'dense'``) are not checked.
+    N:M patterns: at most N non-zeros per block of M input channels; block patterns: B×B tiles, and
+    at least the declared share of them exactly zero (:mod:`mmsparse.core.blocks`); quantization
+    grids: integer codes in range (:mod:`mmsparse.core.quant`); dense layers are not checked.
 
     Raises:
-        KeyError: when a declared layer has no weight in the state dict.
+        KeyError: when a declared (non-dense) layer has no weight in the state dict.
     """
     violations = []
-    for layer, text in patterns.items():
-        if not (is_nm(text) or is_block(text)):
+    for layer, spec in specs.items():
+        if spec.dense:
             continue
         key = f'{layer}.weight'
         if key not in state_dict:
             raise KeyError(f'pattern declared for {layer!r} but {key!r} is not in the checkpoint')
-        if is_nm(text):
-            violations += nm_violations(layer, state_dict[key], NMPattern.parse(text))
-        else:
-            violations += block_violations(layer, state_dict[key], BlockPattern.parse(text))
+        violations += spec.pattern.violations(layer, state_dict[key])
     return violations

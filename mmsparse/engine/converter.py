@@ -20,6 +20,8 @@ from mmengine.logging import MMLogger
 from mmengine.registry import MODELS
 from torch import nn
 
+from ..core.spec import CompressedLayer
+
 Patterns = Union[str, Sequence[str]]
 
 
@@ -80,7 +82,7 @@ def convert_layers(model: nn.Module, rules: List[dict]) -> Dict[str, str]:
             if name in converted:
                 raise ValueError(f'layer {name!r} is matched by two conversion rules '
                                  f'({converted[name]} and {cls.__name__}); one method per layer')
-            if hasattr(module, 'fold_info'):
+            if isinstance(module, CompressedLayer):
                 raise ValueError(f'layer {name!r} is already a {type(module).__name__} (from '
                                  f'conv_cfg?); conversion rule {idx} would stack {cls.__name__} on it')
             parent_name, _, child = name.rpartition('.')

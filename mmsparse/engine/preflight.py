@@ -22,6 +22,8 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from mmengine.config import Config
 
+from ..core.spec import CompressedLayer
+
 #: annotation files up to this size are parsed (tiny and custom sets); COCO itself is only opened
 _PARSE_LIMIT = 64 << 20
 _DOWNLOAD_SCHEMES = ('torchvision://', 'open-mmlab://', 'openmmlab://', 'mmcls://', 'mmpretrain://',
@@ -296,11 +298,12 @@ def check_compression(cfg: Config, report: PreflightReport, state: Optional[dict
             check_compression_matches(model, state, cfg.load_from, bool(cfg.get('resume')))
         except CheckpointMismatchError as err:
             raise PreflightError(str(err)) from err
-    layers = [(name, module) for name, module in model.named_modules() if hasattr(module, 'fold_info')]
+    layers = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, CompressedLayer)]
     if not layers:
         return
-    infos = {name: module.fold_info() for name, module in layers}
-    dense = [(name, info.get('reason')) for name, info in infos.items() if info['pattern'] == 'dense']
+    specs = {name: module.fold_spec() for name, module in layers}
+    dense = [(name, spec.reason) for name, spec in specs.items() if spec.dense]
     limit = float((cfg.get('preflight') or {}).get('max_dense_share', 0.5))
     if len(dense) > limit * len(layers):
         examples = '; '.join(f'{name}: {reason}' for name, reason in dense[:3])
@@ -310,7 +313,7 @@ def check_compression(cfg: Config, report: PreflightReport, state: Optional[dict
             'a pattern the layers can take (N:M with M dividing their input channels, e.g. 1:16 '
             'or 2:4; a block size dividing their dimensions), or accept it with '
             f'preflight=dict(max_dense_share={len(dense) / len(layers):.2f})')
-    frozen = [name for name, module in layers if infos[name]['pattern'] != 'dense'
+    frozen = [name for name, module in layers if not specs[name].dense
               and isinstance(getattr(module, 'weight', None), torch.nn.Parameter)
               and not module.weight.requires_grad]
     if frozen:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from mmengine.config import Config
 
-from ..core.report import Violation, is_nm, verify_state_dict
+from ..core.report import verify_state_dict
+from ..core.spec import FoldSpec
 
 DEPLOY_CONFIG_DIR = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
                              'configs', 'deploy')
@@ -241,30 +242,20 @@ def onnx_layer_weights(onnx_file: str, layers: Sequence[str]) -> Dict[str, List[
     return found
 
 
-def checkable_pattern(pattern: str) -> bool:
-    """Whether :func:`~mmsparse.core.verify_state_dict` checks this pattern (N:M, block, ...)."""
-    if is_nm(pattern):
-        return True
-    try:
-        from ..core.blocks import is_block
-    except ImportError:  # block patterns not available
-        return False
-    return is_block(pattern)
-
-
-def verify_onnx(onnx_file: str, patterns: Mapping[str, str]) -> Tuple[List[Violation], List[str]]:
-    """Check the declared ``{layer: pattern}`` (N:M, block) on the weights stored in an ONNX graph.
+def verify_onnx(onnx_file: str, specs: Mapping[str, FoldSpec]) -> Tuple[list, List[str]]:
+    """Check the declared sparsity patterns (N:M, block) on the weights stored in an ONNX graph.
 
     Every occurrence of a layer's weight (a layer called several times may appear more than once)
-    is checked with :func:`~mmsparse.core.verify_state_dict`, so any pattern it knows is supported.
+    is checked by its pattern. Quantization grids are not checked here: the exporter folds batch
+    norm into the convolution weights, which moves them off their grid.
 
     Returns:
-        tuple: ``(violations, missing)``: blocks breaking their pattern, and declared layers whose
-        weight was not found in the graph (e.g. a layer the exporter fused beyond recognition).
+        tuple: ``(violations, missing)``: blocks breaking their pattern, and declared sparse layers
+        whose weight was not found in the graph (e.g. a layer the exporter fused beyond recognition).
     """
-    checked = {name: p for name, p in patterns.items() if checkable_pattern(p)}
+    checked = {name: spec for name, spec in specs.items() if spec.sparse}
     weights = onnx_layer_weights(onnx_file, list(checked))
-    violations: List[Violation] = []
+    violations: list = []
     for name, arrays in weights.items():
         for array in arrays:
             tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -273,8 +264,7 @@ def verify_onnx(onnx_file: str, patterns: Mapping[str, str]) -> Tuple[List[Viola
 
 
 __all__ = [
-    'DEPLOY_CONFIG_DIR', 'ExportResult', 'build_ort_model', 'build_task_processor', 'checkable_pattern',
-    'custom_op_domains',
+    'DEPLOY_CONFIG_DIR', 'ExportResult', 'build_ort_model', 'build_task_processor', 'custom_op_domains',
     'default_deploy_config', 'deploy_config_path', 'export_onnx', 'first_test_image', 'mmdeploy_compat',
     'onnx_layer_weights', 'verify_onnx'
 ]

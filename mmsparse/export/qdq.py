@@ -36,20 +36,32 @@ from mmengine.config import Config
 from mmengine.utils import mkdir_or_exist
 from torch import nn
 
-from ..cgmq.bops import cgmq_layers, unwrap
-from .fold import build_model, load_source_checkpoint, plain_config
+from ..core.spec import QuantizedLayer
+from .fold import build_model, load_source_checkpoint
 from .onnx import ExportResult, default_deploy_config, deploy_config_path, mmdeploy_compat
+from .plain_config import plain_config
 
 META_KEY = 'mmsparse_cgmq_bits'
 _COMPUTE_OPS = ('Conv', 'Gemm', 'MatMul')
-_QDQ_WEIGHT_SUFFIX = '.qdq_weight'  # the parameter CGMQMixin.prepare_qdq adds for the export
+_QDQ_WEIGHT_SUFFIX = '.' + QuantizedLayer.QDQ_WEIGHT  # the parameter prepare_qdq adds
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from mmengine.model import is_model_wrapper
+    return model.module if is_model_wrapper(model) else model
+
+
+def quantized_layers(model: nn.Module) -> List[Tuple[str, QuantizedLayer]]:
+    """Every layer of ``model`` (unwrapped from DDP) whose export carries Q/DQ pairs."""
+    return [(n, m) for n, m in _unwrap(model).named_modules() if isinstance(m, QuantizedLayer)]
 
 
 @contextlib.contextmanager
 def qdq_export_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Switch every CGMQ layer of ``model`` to its QDQ forward (and eval mode) inside the block."""
-    model = unwrap(model)
-    layers = [layer for _, layer in cgmq_layers(model)]
+    """Switch every quantized layer of ``model`` to its QDQ forward (and eval mode) inside the
+    block."""
+    model = _unwrap(model)
+    layers = [layer for _, layer in quantized_layers(model)]
     modes = {m: m.training for m in model.modules()}
     model.eval()
     for layer in layers:
@@ -68,15 +80,16 @@ def qdq_export_mode(model: nn.Module) -> Iterator[nn.Module]:
 def bit_report(model: nn.Module) -> List[dict]:
     """Per-layer bit widths and how each tensor is carried in the QDQ ONNX."""
     rows = []
-    for name, layer in cgmq_layers(model):
-        signed = bool(layer.act_signed)
+    for name, layer in quantized_layers(model):
+        grid = layer.fold_spec().pattern
+        signed = grid.act_signed
         rows.append(dict(
-            layer=name, bits_w=layer.bits_w, bits_a=layer.bits_a, act_signed=signed,
-            weight_onnx='int8 per-channel QDQ' if layer.bits_w <= 8 else 'float (>8 bits)',
-            act_onnx=('float (not quantized)' if not layer.quant_act else
-                      f'{"int8" if signed else "uint8"} per-tensor QDQ' if layer.bits_a <= 8 else
+            layer=name, bits_w=grid.bits_w, bits_a=grid.bits_a, act_signed=signed,
+            weight_onnx='int8 per-channel QDQ' if grid.bits_w <= 8 else 'float (>8 bits)',
+            act_onnx=('float (not quantized)' if not layer.quantizes_input else
+                      f'{"int8" if signed else "uint8"} per-tensor QDQ' if grid.bits_a <= 8 else
                       'float (>8 bits)'),
-            macs=layer.macs))
+            macs=getattr(layer, 'macs', None)))
     return rows
 
 
@@ -98,8 +111,8 @@ def export_qdq(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torch
     """
     if opset < 13:
         raise ValueError(f'per-channel QuantizeLinear needs opset >= 13, got {opset}')
-    if not cgmq_layers(model):
-        raise ValueError('export_qdq: the model has no CGMQ layer')
+    if not quantized_layers(model):
+        raise ValueError('export_qdq: the model has no quantized layer')
     import onnx
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs, )
@@ -308,19 +321,20 @@ def check_qdq_graph(onnx_file: str,
     for t in qdq_tensors(onnx_file):
         counts.setdefault(t.layer, dict(weight=0, act=0))[t.kind] += 1
     problems = []
-    layers = dict(cgmq_layers(model))
+    layers = dict(quantized_layers(model))
     for name in sorted(set(counts) - set(layers)):
         problems.append(f'{name}: Q/DQ pairs for a layer the model does not have')
     for name, layer in layers.items():
+        grid = layer.fold_spec().pattern
         got = counts.get(name, dict(weight=0, act=0))
-        want_w = 1 if layer.bits_w <= 8 else 0
+        want_w = 1 if grid.bits_w <= 8 else 0
         if got['weight'] != want_w:
-            problems.append(f'{name}: {got["weight"]} weight Q/DQ pair(s) for a {layer.bits_w}-bit '
+            problems.append(f'{name}: {got["weight"]} weight Q/DQ pair(s) for a {grid.bits_w}-bit '
                             f'weight, expected {want_w}')
-        quant_act = layer.quant_act and layer.bits_a <= 8
+        quant_act = layer.quantizes_input and grid.bits_a <= 8
         if quant_act != (got['act'] > 0):
             problems.append(f'{name}: {got["act"]} activation Q/DQ pair(s) for a '
-                            f'{layer.bits_a}-bit input')
+                            f'{grid.bits_a}-bit input')
     return counts, problems
 
 
@@ -361,7 +375,8 @@ def qdq_parity(onnx_file: str, model: nn.Module,
     tensors = qdq_tensors(onnx_file)
     names = [t.output for t in tensors] + [t.source for t in tensors if t.kind == 'act']
     session = ort_session(onnx_file, names)
-    layers = dict(cgmq_layers(model))
+    layers = dict(quantized_layers(model))
+    grids = {name: layer.fold_spec().pattern for name, layer in layers.items()}
     rows = [dict(layer=t.layer, kind=t.kind, numel=0, max_abs_diff=0.0, max_diff_steps=0.0,
                  mismatches=0) for t in tensors]
     for i, feed in enumerate(feeds):
@@ -369,15 +384,14 @@ def qdq_parity(onnx_file: str, model: nn.Module,
         for t, row in zip(tensors, rows):
             if t.kind == 'weight' and i > 0:
                 continue  # constant
-            layer = layers[t.layer]
-            grid = layer.quant_grid()
+            layer, grid = layers[t.layer], grids[t.layer]
             got = torch.from_numpy(np.ascontiguousarray(values[t.output])).float()
             if t.kind == 'weight':
                 ref = layer.folded_weight().float().cpu()
-                step = torch.tensor(grid['weight_scale']).view(-1, *([1] * (ref.dim() - 1)))
+                step = torch.tensor(grid.weight_scale).view(-1, *([1] * (ref.dim() - 1)))
             else:
                 ref = layer.quant_input(torch.from_numpy(np.ascontiguousarray(values[t.source])))
-                step = torch.tensor(grid['act_scale'])
+                step = torch.tensor(grid.act_scale)
             diff = (got - ref).abs()
             steps = diff / step
             row['numel'] += diff.numel()

@@ -14,13 +14,14 @@ from torch import Tensor, nn
 
 from ..core.masks import hard_nm_mask
 from ..core.patterns import NMPattern, nm_incompatibility
+from ..core.spec import CompressedLayer, Dense, FoldSpec
 from ..core.ste import mask_ste
 from .mask import maxq_mask
 
 INCOMPATIBLE_CHOICES = ('dense', 'error')
 
 
-class NMSparseMixin:
+class NMSparseMixin(CompressedLayer):
     """Shared N:M machinery: pattern, dense-by-rule check, mask buffer, gradient edits, folding.
 
     Subclasses set ``method`` to ``'maxq'``, ``'srste'`` or ``'oneshot'``.
@@ -112,11 +113,9 @@ class NMSparseMixin:
         """The deployable weight ``W ⊙ S`` (exact zeros where the mask is 0)."""
         return (self.weight * self.mask).detach() if self.is_sparse else self.weight.detach().clone()
 
-    def fold_info(self) -> dict:
-        """What export records for this layer."""
-        if not self.is_sparse:
-            return dict(method=self.method, pattern='dense', reason=self.dense_reason)
-        return dict(method=self.method, pattern=str(self.pattern))
+    def fold_spec(self) -> FoldSpec:
+        """The layer's N:M pattern, or dense with the reason."""
+        return FoldSpec(self.method, self.pattern if self.is_sparse else Dense(self.dense_reason))
 
     def extra_repr(self) -> str:  # noqa: D102
         info = f'{self.pattern}' if self.is_sparse else f'dense: {self.dense_reason}'

@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
-from ..core.blocks import (block_grid, block_incompatibility, block_multiply, block_norms,
-                           expand_block_mask)
+from ..core.blocks import (BlockPattern, block_grid, block_incompatibility, block_multiply,
+                           block_norms, expand_block_mask)
 from ..core.masks import smallest_indices
+from ..core.spec import CompressedLayer, Dense, FoldSpec
 
 INCOMPATIBLE_CHOICES = ('dense', 'error')
 
 
-class BlockSparseMixin:
+class BlockSparseMixin(CompressedLayer):
     """Shared block machinery: tiling, dense-by-rule check, support buffer, scale, selection, folding.
 
     Subclasses set ``method`` (``'sapp'`` or ``'magnitude'``); ``uses_attention`` decides whether the
@@ -174,19 +175,16 @@ class BlockSparseMixin:
                                                           self.weight.shape, self.block_size)
         return torch.where(keep, scaled, torch.zeros_like(scaled))
 
-    def fold_info(self) -> dict:
-        """What export and the report record: ``pattern='block16@<share of zero blocks>'``.
+    def fold_spec(self) -> FoldSpec:
+        """``block<B>@<share of zero blocks>``, or dense with the reason.
 
-        The share is truncated to 6 decimals, so :func:`mmsparse.core.verify_state_dict` checks that
-        the folded weight has exactly the pruned blocks' count of all-zero blocks or more (exact for
-        layers below 10⁶ blocks).
+        The share is truncated to 6 decimals, so verification checks that the folded weight has
+        exactly the pruned blocks' count of all-zero blocks or more (exact below 10⁶ blocks).
         """
         if not self.is_sparse:
-            return dict(method=self.method, pattern='dense', reason=self.dense_reason)
-        sparsity = self.block_sparsity
-        share = f'{math.floor(sparsity * 1e6) / 1e6:.6f}'.rstrip('0').rstrip('.')
-        return dict(method=self.method, pattern=f'block{self.block_size}@{share}',
-                    block_size=self.block_size, sparsity=sparsity)
+            return FoldSpec(self.method, Dense(self.dense_reason))
+        share = math.floor(self.block_sparsity * 1e6) / 1e6
+        return FoldSpec(self.method, BlockPattern(self.block_size, share))
 
     def extra_repr(self) -> str:  # noqa: D102
         info = (f'block {self.block_size}, {self.n_blocks} blocks' if self.is_sparse

@@ -15,9 +15,13 @@ from mmsparse.cgmq import (CGMQConv2d, CGMQLinear, bits_from_gates, gate_values_
 from mmsparse.core import model_report
 
 
-def _ref_round(v: float) -> float:
-    """Round half toward zero, in float64."""
-    return math.copysign(math.ceil(abs(v) - 0.5), v)
+def _ref_code(v: float, carry: int, multiplier: int) -> int:
+    """Nearest integer to ``v``; at a tie the one making the accumulated code
+    ``carry · multiplier + code`` even (ONNX's half to even on the b-bit code)."""
+    low = math.floor(v)
+    if v - low != 0.5:
+        return round(v)
+    return low if (carry * multiplier + low) % 2 == 0 else low + 1
 
 
 def reference(x: float, beta: float, signed: bool, bits: int) -> float:
@@ -28,13 +32,16 @@ def reference(x: float, beta: float, signed: bool, bits: int) -> float:
         s.append(s[-1] / (2 ** b + 1))
     xc = min(max(x, alpha), beta)
     lo, hi = (-1, 1) if signed else (0, 3)
-    x2 = s[0] * min(max(_ref_round(xc / s[0]), lo), hi)
+    code = min(max(_ref_code(xc / s[0], 0, 0), lo), hi)  # the accumulated code, an exact int
+    x2 = s[0] * code
     out, prev = x2, x2
     for level, b in enumerate((4, 8, 16, 32)):
         if b > bits:
             break
         half = 2 ** (b // 2 - 1)
-        eps = s[level + 1] * min(max(_ref_round((xc - prev) / s[level + 1]), -half), half)
+        q = min(max(_ref_code((xc - prev) / s[level + 1], code, 2 * half + 1), -half), half)
+        code = code * (2 * half + 1) + q
+        eps = s[level + 1] * q
         prev += eps
         out += eps
     return out
@@ -91,8 +98,13 @@ def reference_vec(x, beta, bits):
 
 def autograd_reference(x, beta, signed, gates):
     """SPEC §2's quantizer written with autograd straight-through tricks (the unfused definition)."""
-    def code_ste(v, lo, hi):  # rounding and the noise-absorbing code clamp: identity backward
-        return v + (torch.clamp(torch.sign(v) * torch.ceil(v.abs() - 0.5), lo, hi) - v).detach()
+    def code_ste(v, lo, hi, code=None, multiplier=0):
+        """Rounding (ties: the accumulated ``code · multiplier + q`` even) and the noise-absorbing
+        code clamp; identity backward."""
+        low = torch.floor(v)
+        carry = 0 if code is None else code * multiplier
+        up = (v - low > 0.5) | ((v - low == 0.5) & ((carry + low) % 2 != 0))
+        return v + (torch.clamp(low + up.to(v.dtype), lo, hi) - v).detach()
 
     span = 2 * beta if signed else beta
     s = [span / 3.0]
@@ -101,15 +113,18 @@ def autograd_reference(x, beta, signed, gates):
     # tensor-bound clamp: gradient to x inside [α, β] (bounds included), to β / α outside
     x_c = x.clamp(-beta if signed else 0 * beta, beta)
     lo, hi = (-1, 1) if signed else (0, 3)
+    code = code_ste(x_c / s[0], lo, hi).detach()  # the accumulated code (float64: exact)
     x2 = s[0] * code_ste(x_c / s[0], lo, hi)
     on = (gates.detach() > 0).tolist()
     z = (gates > 0).to(gates.dtype) + (gates - gates.detach())
     prev, residuals = x2, []
     for level, b in enumerate((4, 8, 16, 32)):
         half = 2 ** (b // 2 - 1)
-        residuals.append(s[level + 1] * code_ste((x_c - prev) / s[level + 1], -half, half))
+        q = code_ste((x_c - prev) / s[level + 1], -half, half, code, 2 * half + 1)
+        residuals.append(s[level + 1] * q)
         if not on[level]:
             break
+        code = code * (2 * half + 1) + q.detach()
         prev = prev + residuals[-1]
     inner = None
     for level in reversed(range(len(residuals))):
@@ -143,7 +158,7 @@ def test_layers_registered_state_keys_and_train_eval_identical():
     assert isinstance(conv, CGMQConv2d) and isinstance(conv, nn.Conv2d)
     extra = {'weight_range', 'act_range', 'weight_gate', 'act_gate', 'act_signed', 'calibrated'}
     assert set(conv.state_dict()) == set(nn.Conv2d(8, 6, 3).state_dict()) | extra
-    info = conv.fold_info()
+    info = conv.fold_spec().to_meta()
     assert {k: info[k] for k in ('method', 'pattern', 'bits_w', 'bits_a')} == dict(
         method='cgmq', pattern='w4a8', bits_w=4, bits_a=8)
     # unit ranges: signed 4-bit weight step 2/15 per output channel, input 8-bit step 2/255
@@ -159,7 +174,7 @@ def test_layers_registered_state_keys_and_train_eval_identical():
     ref = nn.functional.conv2d(conv.quant_input(x), conv.folded_weight(), conv.bias, padding=1)
     torch.testing.assert_close(out_eval, ref, rtol=0, atol=0)
     lin = CGMQLinear(8, 3, bits_w=2, bits_a=2, act_signed=False)
-    assert lin.fold_info()['pattern'] == 'w2a2' and not bool(lin.act_signed)
+    assert str(lin.fold_spec().pattern) == 'w2a2' and not bool(lin.act_signed)
     stats = {s.name: s for s in model_report(nn.Sequential(conv, lin))}
     assert stats['0'].pattern == 'w4a8' and stats['1'].pattern == 'w2a2'
     with pytest.raises(ValueError, match='bit width must be one of'):
@@ -271,3 +286,30 @@ def test_greedy_reduction_is_minimal():
     assert greedy_reduction(layers, 10 ** 12) == []
     changes = greedy_reduction(layers, sum(macs.values()) * 4)
     assert all(l.bits_w == 2 and l.bits_a == 2 for _, l in layers)
+
+
+@pytest.mark.parametrize('signed', [True, False])
+@pytest.mark.parametrize('bits', [2, 4, 8, 16, 32])
+def test_exact_ties_round_half_to_even_like_onnx(signed, bits):
+    """With step 2^-10 every tie ``(m + ½) · s_b`` and every quantizer operation on it is exact in
+    float64: the codes are ONNX QuantizeLinear's (half to even, ``np.rint``) of ``x / s_b``
+    clipped to the b-bit range; ``±β`` (a tie on a signed grid) gives the outermost code."""
+    step = 2.0 ** -10
+    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    span = (2 ** bits - 1) * step
+    beta = span / 2 if signed else span
+    first = lo - 1 if signed else lo
+    if bits <= 16:
+        m = np.arange(first, hi + 1)
+    else:  # a sample of the 2^32 ties, both ends included
+        m = np.concatenate([[first, first + 1, -1, 0, hi - 1, hi],
+                            np.random.default_rng(0).integers(first, hi + 1, 5000)])
+    ties = (m + 0.5) * step
+    x = np.concatenate([ties, [beta, -beta, beta + step, -beta - step, 0.0]])
+    out = nested_quantize(torch.from_numpy(x), torch.tensor(beta, dtype=torch.float64), signed,
+                          torch.tensor(gate_values_for_bits(bits, 0.5), dtype=torch.float64))
+    codes = out.numpy() / step
+    np.testing.assert_array_equal(codes, np.clip(np.rint(x / step), lo, hi))
+    assert codes.min() >= lo and codes.max() <= hi
+    if signed:
+        assert codes[len(ties)] == hi and codes[len(ties) + 1] == lo

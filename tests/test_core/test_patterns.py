@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from mmsparse.core import (NMPattern, from_blocks, hard_nm_mask, model_report, nm_incompatibility,
-                           nm_violations, to_blocks, verify_state_dict)
+                           specs_from_patterns, to_blocks, verify_state_dict)
 
 
 @pytest.mark.parametrize('n,m', [(0, 4), (4, 4), (5, 4), (-1, 2)])
@@ -55,13 +55,13 @@ def test_hard_mask_keeps_n_largest_and_ties_go_to_lower_index():
 def test_violations_name_the_block_and_verify_state_dict():
     w = torch.zeros(2, 8, 3, 3)
     w[1, 4:6, 2, 1] = 1.0   # two non-zeros in block (out 1, row 2, col 1, channels 4..7)
-    (v,) = nm_violations('conv', w, NMPattern(1, 4))
+    (v,) = NMPattern(1, 4).violations('conv', w)
     assert v.block == (1, 2, 1, 4) and v.nonzeros == 2
     assert 'conv: block (1, 2, 1, 4) has 2 non-zeros' in str(v)
-    assert verify_state_dict({'conv.weight': w}, {'conv': '2:4'}) == []
-    assert len(verify_state_dict({'conv.weight': w}, {'conv': '1:4'})) == 1
+    assert verify_state_dict({'conv.weight': w}, specs_from_patterns({'conv': '2:4'})) == []
+    assert len(verify_state_dict({'conv.weight': w}, specs_from_patterns({'conv': '1:4'}))) == 1
     with pytest.raises(KeyError, match='not in the checkpoint'):
-        verify_state_dict({}, {'conv': '1:4'})
+        verify_state_dict({}, specs_from_patterns({'conv': '1:4'}))
 
 
 def test_model_report_lists_plain_layers_as_dense():

@@ -11,7 +11,7 @@ from mmengine.config import Config
 import mmsparse  # noqa: F401
 from mmsparse.export import (FOLD_META_KEY, PatternViolationError, fold_checkpoint, plain_config,
                              verify_checkpoint)
-from mmsparse.export.fold import mmsparse_type_names
+from mmsparse.export.plain_config import mmsparse_type_names
 
 from export_helpers import REPO
 from predict_plain import predict
@@ -152,7 +152,7 @@ def test_fold_cli(sparse_ckpt, tmp_path):
                           '--compressed'], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert 'backbone.layer1.0.conv1' in res.stdout and 'overall weight sparsity' in res.stdout
-    assert 'N:M layers only, compressed fp32' in res.stdout
+    assert 'compressed layers only, packed fp32' in res.stdout
     assert sorted(os.listdir(tmp_path)) == ['m.pth', 'm.py', 'm.safetensors']
 
 

@@ -49,7 +49,7 @@ def test_onnx_export_patterns_and_ort_parity(folded, exported, tmp_path):
     assert osp.getsize(exported.onnx_file) == exported.size_bytes > 0
     print(f'\nexport {exported.seconds:.1f} s, {exported.size_bytes / 2**20:.1f} MiB')
     assert custom_op_domains(exported.onnx_file) == []  # standard RoiAlign / NonMaxSuppression
-    patterns = {k: v['pattern'] for k, v in folded.layers.items()}
+    patterns = folded.specs
     violations, missing = verify_onnx(exported.onnx_file, patterns)
     assert violations == [] and missing == []
     weights = onnx_layer_weights(exported.onnx_file, list(patterns))
@@ -91,7 +91,7 @@ def test_onnx_verify_refuses_tampered_graph(folded, exported, tmp_path):
     init.CopyFrom(numpy_helper.from_array(array, name))
     bad = str(tmp_path / 'bad.onnx')
     onnx.save(model, bad)
-    patterns = {k: v['pattern'] for k, v in folded.layers.items()}
+    patterns = folded.specs
     violations, _ = verify_onnx(bad, patterns)
     assert [(v.layer, v.block) for v in violations] == [('neck.fpn_convs.1.conv', (0, 0, 0, 0))]
 
@@ -129,7 +129,7 @@ def test_other_detectors_export(kind, demo_data, val_images, tmp_path):
     torch.save(dict(state_dict=model.state_dict(), meta={}), ckpt)
     folded = fold_checkpoint(cfg_path, ckpt, str(tmp_path))
     exported = export_onnx(folded.config, folded.checkpoint, str(tmp_path), val_images[0])
-    patterns = {k: v['pattern'] for k, v in folded.layers.items()}
+    patterns = folded.specs
     violations, missing = verify_onnx(exported.onnx_file, patterns)
     assert violations == [] and missing == []
     plain = Config.fromfile(folded.config)

@@ -6,7 +6,7 @@ import torch
 from helpers import run_tool, tiny_config
 
 from mmsparse.compat import safe_load_from_local
-from mmsparse.core import NMPattern, nm_violations
+from mmsparse.core import NMPattern
 
 pytestmark = pytest.mark.slow
 MAXQ = 'configs/demo/maxq_mask-rcnn_r18_1-16_demo.py'
@@ -42,7 +42,7 @@ def test_final_masks_are_exact_nm_and_stem_dense(maxq_runs):
     assert len(sparse) == 19  # 16 block convs + 3 downsample convs of ResNet-18
     for name in sparse:
         folded = state[f'{name}.weight'] * masks[name]
-        assert nm_violations(name, folded, NMPattern(1, 16)) == [], name
+        assert NMPattern(1, 16).violations(name, folded) == [], name
         assert ((masks[name] == 0) | (masks[name] >= 1)).all()
     log = full.stdout + full.stderr
     assert 'final masks fixed at preserve rate 0' in log and 'dense: the 3-channel stem is dense by rule' in log

@@ -6,7 +6,8 @@ import torch
 from mmsparse.core import (BlockPattern, block_grid, block_norms, block_sparsity, blocks_to_bsr,
                            bsr_to_weight, expand_block_mask, is_block, nonzero_blocks,
                            verify_state_dict, view_2d)
-from mmsparse.export.bsr import export_bsr, from_bsr, load_bsr
+from mmsparse.core import FoldSpec, specs_from_patterns
+from mmsparse.export.compressed import load_compressed, save_compressed, storage_sizes
 
 
 def _ref_block(w, b, r, c):
@@ -63,12 +64,12 @@ def test_pattern_parsing_and_verifier_dispatch():
     w = torch.randn(32, 32)
     w[:16, :16] = 0
     state = {'a.weight': w, 'b.weight': torch.randn(8, 16)}
-    assert verify_state_dict(state, {'a': 'block16@0.25', 'b': '2:4'})[0].layer == 'b'
-    bad = verify_state_dict(state, {'a': 'block16@0.5'})
+    assert verify_state_dict(state, specs_from_patterns({'a': 'block16@0.25', 'b': '2:4'}))[0].layer == 'b'
+    bad = verify_state_dict(state, specs_from_patterns({'a': 'block16@0.5'}))
     assert len(bad) == 1 and '1/4 blocks are exactly zero, 2 required' in str(bad[0])
     w[16:, 16:] = 1e-30  # tiny is not zero
-    assert verify_state_dict(state, {'a': 'block16@0.5'})
-    assert 'do not tile' in str(verify_state_dict(state, {'b': 'block16'})[0])
+    assert verify_state_dict(state, specs_from_patterns({'a': 'block16@0.5'}))
+    assert 'do not tile' in str(verify_state_dict(state, specs_from_patterns({'b': 'block16'}))[0])
     assert block_sparsity(w, 16) == 0.25
 
 
@@ -83,11 +84,18 @@ def test_bsr_roundtrip_and_matches_torch(tmp_path):
     assert torch.equal(ref.values(), bsr['values']) and torch.equal(ref.col_indices(), bsr['col_indices'])
     assert torch.equal(ref.crow_indices(), bsr['crow_indices'])
     assert torch.equal(bsr_to_weight(bsr, w.shape, 16), w)
-    info = export_bsr({'l.weight': w}, {'l': 'block16@0.3'}, str(tmp_path / 'w.npz'))
-    assert info['layers'] == 1 and info['bsr_bytes'] < info['dense_bytes'] and info['file_bytes'] > 0
-    back = from_bsr(load_bsr(str(tmp_path / 'w.npz')))
+    path = str(tmp_path / 'w.safetensors')
+    spec = FoldSpec('sapp', BlockPattern(16, 0.3))
+    save_compressed(path, {'l.weight': w}, {'l': spec})
+    back, _ = load_compressed(path)
     assert torch.equal(back['l.weight'], w)
-    assert not np.load(str(tmp_path / 'w.npz'), allow_pickle=False).files == []
+    from safetensors import safe_open
+    with safe_open(path, framework='pt') as f:  # only the non-zero blocks are stored
+        assert torch.equal(f.get_tensor('l.weight::values'), ref.values())
+        assert 'l.weight' not in set(f.keys())
+    sizes = storage_sizes({'l.weight': w}, {'l': spec})
+    assert sizes.layers_fp32 == int(keep.sum()) * 256 * 4 + (int(keep.sum()) + 3) * 8
+    assert sizes.layers_fp32 < sizes.layers_dense_fp32
 
 
 @pytest.mark.parametrize('shape,size', [((32, 16, 3, 3), 16), ((16, 4, 3, 3), 4), ((16, 8, 2, 2), 16),
@@ -103,5 +111,5 @@ def test_block_multiply_equals_expanded_mask(shape, size):
 def test_min_share_means_at_least_that_share():
     w = torch.ones(8, 80)   # 10 blocks in one row
     w[:, :56] = 0           # 7 zero blocks
-    assert verify_state_dict({'a.weight': w}, {'a': 'block8@0.7'}) == []  # 0.7 * 10 is not 8
-    assert len(verify_state_dict({'a.weight': w}, {'a': 'block8@0.71'})) == 1
+    assert verify_state_dict({'a.weight': w}, specs_from_patterns({'a': 'block8@0.7'})) == []  # 0.7 * 10 is not 8
+    assert len(verify_state_dict({'a.weight': w}, specs_from_patterns({'a': 'block8@0.71'}))) == 1

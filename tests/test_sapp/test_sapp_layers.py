@@ -1,4 +1,6 @@
 """SA++ and magnitude block layers: scale, selection, dense-by-rule, build paths, folding."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +8,7 @@ from mmcv.cnn import build_conv_layer
 from torch import nn
 
 import mmsparse  # noqa: F401
-from mmsparse.core import model_report, verify_state_dict
+from mmsparse.core import CompressedLayer, Dense, FoldSpec, model_report, verify_state_dict
 from mmsparse.engine import convert_layers
 from mmsparse.sapp import MagnitudeBlockConv2d, MagnitudeBlockLinear, SAPPConv2d, SAPPLinear
 
@@ -87,7 +89,7 @@ def test_dense_by_rule_and_build_paths():
     small = SAPPConv2d(64, 128, 1, block_size=16)
     assert '32 blocks < min_blocks=100' in small.dense_reason
     assert 'groups=4' in SAPPConv2d(64, 64, 3, groups=4, block_size=16).dense_reason
-    assert small.fold_info() == dict(method='sapp', pattern='dense', reason=small.dense_reason)
+    assert small.fold_spec() == FoldSpec('sapp', Dense(small.dense_reason))
     with pytest.raises(ValueError, match='cannot take 16x16 blocks'):
         SAPPConv2d(24, 24, 3, block_size=16, incompatible='error')
     with pytest.raises(ValueError, match='block_size must be a positive integer'):
@@ -119,14 +121,14 @@ def test_folded_model_equals_sparse_model_in_eval():
     model.eval()
     x = torch.randn(2, 16, 4, 4)
     expected = model(x)
-    patterns = {n: m.fold_info()['pattern'] for n, m in model.named_modules() if hasattr(m, 'fold_info')}
-    assert patterns['2'] == 'dense' and patterns['0'].startswith('block8@0.')
+    patterns = {n: m.fold_spec() for n, m in model.named_modules() if isinstance(m, CompressedLayer)}
+    assert patterns['2'].dense and patterns['0'].pattern.size == 8
     # the shared fold tool's protocol: each compressed layer becomes a plain layer with folded_weight()
     folded = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1),
                            nn.Flatten(), nn.Linear(32 * 16, 16)).eval()
     state = {}
     for name, module in model.named_modules():
-        if hasattr(module, 'fold_info'):
+        if isinstance(module, CompressedLayer):
             state[f'{name}.weight'] = module.folded_weight()
             state[f'{name}.bias'] = module.bias.detach()
     folded.load_state_dict(state)
@@ -135,11 +137,11 @@ def test_folded_model_equals_sparse_model_in_eval():
     zero_share = [s.sparsity for s in model_report(model) if s.name == '0'][0]
     assert zero_share == pytest.approx(model[0].block_sparsity)
     # exact zero blocks: a pruned block of the folded weight is all 0.0
-    assert model[0].fold_info()['sparsity'] == pytest.approx(int(0.7 * 72) / 72)
+    assert model[0].fold_spec().pattern.min_sparsity == math.floor(int(0.7 * 72) / 72 * 1e6) / 1e6
 
 
 def test_shared_fold_tool_folds_and_verifies_block_layers():
-    from mmsparse.export import fold
+    from mmsparse import export
     torch.manual_seed(0)
     model = nn.Sequential(SAPPConv2d(16, 32, 3, padding=1, block_size=8, min_blocks=4), nn.ReLU(),
                           MagnitudeBlockConv2d(32, 32, 3, padding=1, block_size=8, min_blocks=4))
@@ -147,16 +149,16 @@ def test_shared_fold_tool_folds_and_verifies_block_layers():
         model[0].block_logits.normal_()
         for layer in (model[0], model[2]):
             layer.prune_to(int(0.7 * layer.n_blocks))
-    state, info = fold.fold_state_dict(model)
+    state, info = export.fold_state_dict(model)
     assert set(state) == {'0.weight', '0.bias', '2.weight', '2.bias'}  # no logits, no support
-    assert info['0']['pattern'] == 'block8@0.694444' and info['2']['method'] == 'magnitude'
-    fold.verify_folded(state, fold.declared_patterns(info))
+    assert info['0'].to_meta()['pattern'] == 'block8@0.694444' and info['2'].method == 'magnitude'
+    export.verify_folded(state, info)
     # one non-zero element in one pruned block is caught
     r, c = [int(v) for v in torch.nonzero(model[0].support == 0)[0]]
     state['0.weight'][r * 8, (c * 8) % 16, (c * 8) // 48, (c * 8) // 16 % 3] = 1e-6
-    with pytest.raises(fold.PatternViolationError, match='49/72 blocks are exactly zero, 50 required'):
-        fold.verify_folded(state, fold.declared_patterns(info))
+    with pytest.raises(export.PatternViolationError, match='49/72 blocks are exactly zero, 50 required'):
+        export.verify_folded(state, info)
     plain = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
-    plain.load_state_dict(fold.fold_state_dict(model)[0])
+    plain.load_state_dict(export.fold_state_dict(model)[0])
     x = torch.randn(1, 16, 6, 6)
     torch.testing.assert_close(plain.eval()(x), model.eval()(x), rtol=0, atol=0)

@@ -10,8 +10,8 @@ from mmengine.registry import init_default_scope
 
 import mmsparse  # noqa: F401
 from mmsparse.compat import safe_load_from_local
-from mmsparse.core import verify_state_dict
-from mmsparse.export.bsr import export_bsr, from_bsr, load_bsr
+from mmsparse.core import BlockPattern, CompressedLayer, verify_state_dict
+from mmsparse.export.compressed import load_compressed, storage_sizes
 
 pytestmark = pytest.mark.slow
 SAPP = 'configs/sapp/demo/sapp_mask-rcnn_r18_fpn_b16-70_demo.py'
@@ -62,15 +62,24 @@ def test_sapp_demo_trains_reports_map_and_block_sparsity(demo_runs, tmp_path):
     from mmdet.registry import MODELS
     model = MODELS.build(Config.fromfile(cfg_path).model)
     model.load_state_dict(safe_load_from_local(str(tmp_path_wd / 'iter_6.pth'), 'cpu')['state_dict'])
-    compressed = [(n, m) for n, m in model.named_modules() if hasattr(m, 'fold_info')]
+    compressed = [(n, m) for n, m in model.named_modules() if isinstance(m, CompressedLayer)]
     folded = {f'{n}.weight': m.folded_weight() for n, m in compressed}
-    patterns = {n: m.fold_info()['pattern'] for n, m in compressed}
-    blocks = {n: p for n, p in patterns.items() if p.startswith('block')}
-    assert len(blocks) == 18 and all(float(p.split('@')[1]) > 0.69 for p in blocks.values())
-    assert patterns['backbone.conv1'] == 'dense'
-    assert verify_state_dict(folded, patterns) == []
-    info = export_bsr(folded, blocks, str(tmp_path / 'bsr.npz'))
-    assert info['ratio'] < 0.35
-    back = from_bsr(load_bsr(str(tmp_path / 'bsr.npz')))
-    for key, value in back.items():
-        assert torch.equal(value, folded[key].contiguous())
+    specs = {n: m.fold_spec() for n, m in compressed}
+    blocks = {n: s for n, s in specs.items() if isinstance(s.pattern, BlockPattern)}
+    assert len(blocks) == 18 and all(s.pattern.min_sparsity > 0.69 for s in blocks.values())
+    assert specs['backbone.conv1'].dense
+    assert verify_state_dict(folded, specs) == []
+    sizes = storage_sizes(folded, specs)
+    assert sizes.layers_fp32 < 0.35 * sizes.layers_dense_fp32
+    # tools/fold.py --compressed stores the block layers as BSR, read back bit-exactly
+    proc = run_tool('fold.py', [cfg_path, str(tmp_path_wd / 'iter_6.pth'), '--out-dir',
+                                str(tmp_path), '--name', 'sapp', '--compressed'])
+    assert 'compressed layers only, packed fp32' in proc.stdout
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / 'sapp.safetensors'), framework='pt') as f:
+        stored = set(f.keys())
+    assert all(f'{n}.weight::crow_indices' in stored and f'{n}.weight' not in stored
+               for n in blocks)
+    back, _ = load_compressed(str(tmp_path / 'sapp.safetensors'))
+    for key, value in folded.items():
+        assert torch.equal(back[key], value.contiguous()), key
