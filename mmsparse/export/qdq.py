@@ -252,9 +252,9 @@ def _initializer_names(graph) -> set:
 def qdq_tensors(onnx_file: str) -> List[QDQTensor]:
     """Every Q/DQ pair of an exported CGMQ graph, mapped to its layer through the graph edges.
 
-    A weight pair quantizes the initializer ``<layer>.qdq_weight``; an activation pair feeds (after
-    an optional Clip) a Conv / Gemm / MatMul whose weight is that layer's (directly, or through
-    its own Q/DQ pair or a Transpose).
+    A weight pair quantizes the initializer ``<layer>.<QuantizedLayer.QDQ_WEIGHT>``; an activation
+    pair feeds (after an optional Clip) a Conv / Gemm / MatMul whose weight is that layer's
+    (directly, or through its own Q/DQ pair or a Transpose).
 
     Raises:
         ValueError: a QuantizeLinear is not followed by exactly one DequantizeLinear, or feeds no
