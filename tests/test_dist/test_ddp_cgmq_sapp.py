@@ -8,12 +8,12 @@ import glob
 import json
 import os
 import os.path as osp
-import subprocess
 import sys
 
 import pytest
 import torch
 from helpers import ROOT, tiny_config
+from proc_helpers import free_port, run_group
 from rank_state_hook import load_dump
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,6 @@ RUNS = {
     'acdc': (ACDC, dict(type='SequentialAttentionHook', sparsity=0.7, warmup=1, sparse=2, dense=1,
                         cycles=2, interval=1), 6, 'SequentialAttentionHook: final block sparsity'),
 }
-PORTS = {'cgmq': 29621, 'sapp': 29622, 'acdc': 29623}
 
 
 def run_ddp(method: str, tiny_coco: str, work_dir: str) -> str:
@@ -44,11 +43,11 @@ def run_ddp(method: str, tiny_coco: str, work_dir: str) -> str:
         'load_from': None, 'train_dataloader.batch_size': 1, 'train_cfg.val_begin': iters + 1,
         'custom_hooks': [hook, dict(type='RankStateDumpHook')],
         'custom_imports': dict(imports=['mmsparse', 'rank_state_hook'], allow_failed_imports=False)})
-    env = {**os.environ, 'PYTHON': sys.executable, 'PORT': str(PORTS[method]),
+    env = {**os.environ, 'PYTHON': sys.executable, 'PORT': str(free_port()),
            'OMP_NUM_THREADS': '1',
            'PYTHONPATH': os.pathsep.join(filter(None, [HERE, os.environ.get('PYTHONPATH')]))}
-    proc = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), cfg, '2'], cwd=ROOT,
-                          env=env, text=True, capture_output=True, timeout=900)
+    proc = run_group(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), cfg, '2'], timeout=900,
+                     cwd=ROOT, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     return log

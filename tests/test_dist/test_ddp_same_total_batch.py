@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from dist_workers import TOTAL_BATCH, benchmark, perturbed_runs, train_digits
+from proc_helpers import free_port
 from rank_state_hook import load_dump
 
 pytestmark = pytest.mark.slow
@@ -60,8 +61,8 @@ def _compare(one: dict, two: dict) -> dict:
 def runs(pretrained, tmp_path_factory) -> str:
     """Every method trained on 1 process (batch 4) and on 2 processes (batch 2 each)."""
     out = str(tmp_path_factory.mktemp('digits_runs'))
-    mp.spawn(train_digits, args=(1, 29631, out, METHODS, ITERS, pretrained), nprocs=1)
-    mp.spawn(train_digits, args=(2, 29632, out, METHODS, ITERS, pretrained), nprocs=2)
+    mp.spawn(train_digits, args=(1, free_port(), out, METHODS, ITERS, pretrained), nprocs=1)
+    mp.spawn(train_digits, args=(2, free_port(), out, METHODS, ITERS, pretrained), nprocs=2)
     return out
 
 
@@ -132,7 +133,7 @@ def test_rank_disagreement_is_caught(pretrained, tmp_path):
     """Rank 1 changes one tensor after a step: both ranks' method hooks raise in that step, naming
     the method and the tensor; SA++ under DDP without unused-parameter detection fails up front."""
     out = str(tmp_path)
-    mp.spawn(perturbed_runs, args=(29633, out, pretrained), nprocs=2)
+    mp.spawn(perturbed_runs, args=(free_port(), out, pretrained), nprocs=2)
     for rank in (0, 1):
         with open(osp.join(out, f'errors_rank{rank}.json')) as f:
             errors = json.load(f)

@@ -2,6 +2,7 @@
 tools/fold.py writes its output.
 
 The uninterrupted reference run and the run to be killed train side by side (one thread each).
+Every run is a :class:`proc_helpers.GroupRun`: however a test ends, no process of it outlives it.
 """
 import glob
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, run_tool, tiny_config
+from helpers import ROOT, tiny_config
+from proc_helpers import GroupRun, run_group
 
 from mmsparse.compat import safe_load_from_local
 
@@ -54,22 +56,28 @@ def kill_and_resume(method: str, tiny_coco: str, root: Path) -> Path:
     full_cfg = _config(method, tiny_coco, root / 'full')
     killed_cfg = _config(method, tiny_coco, root / 'killed')
     train = osp.join(ROOT, 'tools', 'train.py')
-    full = subprocess.Popen([sys.executable, train, full_cfg], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    killed = subprocess.Popen([sys.executable, train, killed_cfg], cwd=ROOT, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (root / 'killed' / 'last_checkpoint').exists():
-        assert killed.poll() is None and time.time() < deadline, 'ended before a checkpoint'
-        time.sleep(0.1)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    iters = RUNS[method][2]
-    assert not (root / 'killed' / f'iter_{iters}.pth').exists()
-    _, err = full.communicate(timeout=900)
-    assert full.returncode == 0, err[-5000:]
-    resumed = run_tool('train.py', [killed_cfg, '--resume'], timeout=900, env=ENV)
+    with GroupRun([sys.executable, train, full_cfg], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                  stderr=subprocess.PIPE, text=True) as full, \
+            GroupRun([sys.executable, train, killed_cfg], env=ENV, cwd=ROOT,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as killed:
+        deadline = time.time() + 600
+        while not (root / 'killed' / 'last_checkpoint').exists():
+            assert killed.proc.poll() is None, 'ended before a checkpoint'
+            assert time.time() < deadline, 'no checkpoint after 600 s'
+            time.sleep(0.1)
+        killed.proc.send_signal(signal.SIGKILL)   # kill -9 of the training process alone
+        killed.proc.wait()
+        # its data-loader worker dies with it (SparseRunner's parent-death signal)
+        left = killed.wait_gone(10)
+        assert not left, f'processes of the killed run outlived it by 10 s: {left}'
+        iters = RUNS[method][2]
+        assert not (root / 'killed' / f'iter_{iters}.pth').exists()
+        _, err = full.proc.communicate(timeout=900)
+        assert full.proc.returncode == 0, err[-5000:]
+    resumed = run_group([sys.executable, train, killed_cfg, '--resume'], timeout=900, cwd=ROOT,
+                        env=ENV)
     log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-6000:]
     assert re.search(rf'--resume: resuming from {root / "killed"}/iter_\d+\.pth, the latest', log)
     assert 'resumed epoch: 0, iter:' in log   # mmengine's own line: a real resume, not a fresh run
     return root
@@ -122,17 +130,18 @@ def test_sigkill_while_fold_writes_keeps_previous_file(sapp_runs):
     for attempt in range(3):
         for tmp in glob.glob(str(out / '.tmp-*')):
             os.remove(tmp)
-        proc = subprocess.Popen([sys.executable, osp.join(ROOT, 'tools', 'fold.py'), cfg,
-                                 str(sapp_runs / 'full' / 'iter_8.pth'), '--out-dir', str(out),
-                                 '--name', 'model'], cwd=ROOT, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        partial = None
-        while partial is None and proc.poll() is None:
-            partial = next((e.path for e in os.scandir(out) if e.name.startswith('.tmp-')
-                            and e.name.endswith('model.pth') and e.stat().st_size > 0), None)
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)  # harmless if it already exited
-        proc.wait()
+        with GroupRun([sys.executable, osp.join(ROOT, 'tools', 'fold.py'), cfg,
+                       str(sapp_runs / 'full' / 'iter_8.pth'), '--out-dir', str(out),
+                       '--name', 'model'], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL) as run:
+            proc = run.proc
+            partial = None
+            while partial is None and proc.poll() is None:
+                partial = next((e.path for e in os.scandir(out) if e.name.startswith('.tmp-')
+                                and e.name.endswith('model.pth') and e.stat().st_size > 0), None)
+                time.sleep(0.001)
+            proc.send_signal(signal.SIGKILL)  # harmless if it already exited
+            proc.wait()
         if partial is not None and osp.exists(partial):
             break
         assert (out / 'model.pth').read_bytes() != old_pth  # finished first: the new file, whole

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from mmcv.cnn import build_conv_layer
@@ -7,7 +8,6 @@ from torch import nn
 
 import mmsparse  # noqa: F401
 from mmsparse.maxq import MaxQConv2d, MaxQLinear, OneShotNMConv2d, SRSTEConv2d
-from mmsparse.maxq.mask import maxq_mask
 
 
 def test_build_through_conv_cfg_and_stem_stays_dense():
@@ -48,10 +48,33 @@ def test_forward_uses_masked_weight_and_ste_gradient(cls):
     assert (conv.weight.grad[conv.mask == 0] != 0).any()
 
 
+def _linear_mask_reference(weight: np.ndarray, n: int, m: int, tau: float = 0.01) -> np.ndarray:
+    """SPEC §1 steps 1, 3, 4 at p = 0 for a linear weight, in float64: ``S = H ⊙ (1 + q_filter)``
+    (no kernel axis: a linear layer has no spatial positions)."""
+    a = np.abs(weight.astype(np.float64))
+    hard = np.zeros_like(a)
+    for row in range(a.shape[0]):
+        for start in range(0, a.shape[1], m):
+            keep = np.argsort(-a[row, start:start + m], kind='stable')[:n]
+            hard[row, start + keep] = 1.0
+    k = (m - n) * a.shape[1] // m
+    soft = np.ones_like(a)
+    for row in range(a.shape[0]):
+        asc = np.sort(a[row])
+        threshold = 0.5 * (asc[k - 1] + asc[k])
+        top = a[row] >= asc[k]
+        soft[row] += top / (1.0 + np.exp(-(a[row] - threshold) / tau))
+    return hard * soft
+
+
 def test_linear_mask_filter_axis_only():
+    torch.manual_seed(0)
     lin = MaxQLinear(32, 4, n=1, m=16)
     lin.refresh_mask(0.0)
-    torch.testing.assert_close(lin.mask, maxq_mask(lin.weight, 1, 16, 0.0))
+    expected = _linear_mask_reference(lin.weight.detach().numpy(), 1, 16)
+    torch.testing.assert_close(lin.mask.double(), torch.from_numpy(expected), rtol=0, atol=1e-5)
+    # per row of 32 weights, k = 30: only the 2 largest get a filter-axis boost (values in (1, 2))
+    assert ((lin.mask > 1).sum(1) <= 2).all() and float(lin.mask.max()) < 2.0
     assert int((lin.folded_weight().reshape(-1, 16) != 0).sum(1).max()) == 1
 
 

@@ -1,23 +1,28 @@
 """The exponential ramp, the phase sequence and schedule validation."""
 import math
 
+import numpy as np
 import pytest
 
 import mmsparse  # noqa: F401
 from mmsparse.sapp import Phase, PhaseSchedule, SequentialAttentionHook, cyclic_phases, ramp
 
 
-def _ramp(x: float, c: float = 4.0) -> float:
-    """SPEC: the exponential ramp (1 - e^(-c x)) / (1 - e^(-c)), written independently."""
-    return (1 - math.exp(-c * x)) / (1 - math.exp(-c))
+def _spec_share(t: float, T: float, c: float = 4.0, s_target: float = 1.0) -> float:
+    """SPEC §3, written independently: s(t) = s_target · (1 − e^{−c·t/T}) / (1 − e^{−c})."""
+    return s_target * (1 - math.exp(-c * t / T)) / (1 - math.exp(-c))
 
 
 @pytest.mark.parametrize('c', [2.0, 4.0, 8.0])
 def test_ramp_values(c):
-    assert ramp(0.0, c) == 0.0 and ramp(1.0, c) == pytest.approx(1.0)
-    for x in (0.1, 0.25, 0.5, 0.9):
-        assert ramp(x, c) == pytest.approx(_ramp(x, c))
-    assert ramp(0.5, 4.0) == pytest.approx(0.8807970779778823)  # (1 - e^-2) / (1 - e^-4)
+    T = 20
+    t = np.arange(T + 1)
+    expected = (1 - np.exp(-c * t / T)) / (1 - np.exp(-c))
+    assert [ramp(k / T, c) for k in t] == pytest.approx(expected.tolist(), rel=1e-12, abs=1e-15)
+    assert ramp(0.0, c) == 0.0 and ramp(1.0, c) == pytest.approx(1.0, rel=1e-12)
+    # halfway, (1 − e^{−c/2}) / (1 − e^{−c}) = 1 / (1 + e^{−c/2}): 0.7311, 0.8808, 0.9820
+    assert ramp(0.5, c) == pytest.approx({2.0: 0.7310585786300049, 4.0: 0.8807970779778823,
+                                          8.0: 0.9820137900379085}[c], rel=1e-12)
 
 
 def test_phase_sequence_of_compact_config():
@@ -34,15 +39,16 @@ def test_phase_sequence_of_compact_config():
 
 def test_levels_along_the_ramp():
     sched = PhaseSchedule(cyclic_phases(warmup=2, sparsify=4, sparse=1, dense=1, cycles=2), c=4.0)
-    # iteration t of the phase [2, 6) runs at _ramp((t - 2 + 1) / 4)
+    # iteration t of the phase [2, 6) (T = 4) runs at the share s(t - 2 + 1)
     levels = [sched.level_at(t) for t in range(12)]
     assert levels[:2] == [0.0, 0.0]
-    assert levels[2:6] == pytest.approx([_ramp(k / 4, 4.0) for k in (1, 2, 3, 4)])
+    assert levels[2:6] == pytest.approx([_spec_share(k, 4) for k in (1, 2, 3, 4)], rel=1e-12)
     assert levels[6] == 1.0 and levels[7] == 0.0 and levels[11] == 1.0
-    assert sched.n_pruned(2, 0.5, 100) == round(50 * _ramp(0.25))
+    assert sched.n_pruned(2, 0.5, 100) == round(100 * _spec_share(1, 4, s_target=0.5)) == 32
     # two increments per phase: the share steps at the middle and the end
     two = PhaseSchedule(cyclic_phases(2, 4, 1, 1, 2), c=4.0, increments=2)
-    assert [two.level_at(t) for t in range(2, 6)] == pytest.approx([0, _ramp(0.5), _ramp(0.5), 1.0])
+    half = _spec_share(2, 4)
+    assert [two.level_at(t) for t in range(2, 6)] == pytest.approx([0, half, half, 1.0], rel=1e-12)
 
 
 def test_step_schedules_acdc_and_oneshot():
@@ -89,4 +95,4 @@ def test_by_epoch_phases_convert_to_iterations():
     assert [(p.kind, p.begin, p.end) for p in sched.phases] == [
         ('dense', 0, 5), ('sparsify', 5, 15), ('sparse', 15, 20), ('dense', 20, 25),
         ('sparsify', 25, 35), ('sparse', 35, None)]
-    assert sched.level_at(9) == pytest.approx(_ramp(0.5))
+    assert sched.level_at(9) == pytest.approx(_spec_share(5, 10), rel=1e-12)  # t = 9 - 5 + 1
