@@ -13,7 +13,12 @@ PY = sys.executable
 
 def tiny_config(base: str, data_root: str, work_dir: str, max_iters: int = 4,
                 ckpt_interval: int = 2, **updates) -> str:
-    """Write a copy of ``base`` (path under configs/) that trains a few iterations on tiny data."""
+    """Write a copy of ``base`` (path under configs/) that trains a few iterations on tiny data.
+
+    Iteration-counted MaxQHook windows of the base config (sized for real training) are scaled to
+    ``max_iters``, so that they still end within training; a caller's own ``custom_hooks`` are kept
+    as given.
+    """
     cfg = Config.fromfile(osp.join(ROOT, base))
     data_root = data_root.rstrip('/') + '/'
     for split in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
@@ -27,6 +32,12 @@ def tiny_config(base: str, data_root: str, work_dir: str, max_iters: int = 4,
         loader.persistent_workers = split == 'train_dataloader'
     for split in ('val_evaluator', 'test_evaluator'):
         cfg[split].ann_file = data_root + 'annotations/instances_val.json'
+    if 'custom_hooks' not in updates:
+        base_iters = cfg.train_cfg.get('max_iters')
+        for hook in cfg.get('custom_hooks', []):
+            if hook['type'] == 'MaxQHook' and not hook.get('by_epoch', False):
+                for key in ('start', 'end'):
+                    hook[key] = min(hook.get(key, 0) * max_iters // base_iters, max_iters)
     cfg.train_cfg.max_iters = max_iters
     cfg.train_cfg.val_interval = max_iters
     cfg.default_hooks.checkpoint.interval = ckpt_interval

@@ -1,5 +1,6 @@
 """MaxQHook: drives the N:M masks of MaxQ, SR-STE and one-shot layers from the runner's progress."""
-from typing import List, Tuple
+import math
+from typing import List, Optional, Tuple
 
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
@@ -9,7 +10,7 @@ from torch import nn
 from ..core.report import format_report, model_report, overall_sparsity
 from ..utils import differing_across_ranks
 from .layers import NMSparseMixin
-from .schedule import preserve_rate, validate_schedule
+from .schedule import EXP_CURVATURE, preserve_rate, validate_schedule
 
 
 @HOOKS.register_module()
@@ -31,11 +32,15 @@ class MaxQHook(Hook):
             first step (e.g. when fine-tuning an already N:M backbone). Defaults to 0.
         by_epoch (bool): Count ``start``/``end`` in epochs (the epoch of each iteration) rather than
             iterations. Defaults to False.
-        exp_rate (float): Rate of the ``'exp'`` curve per unit of progress. Defaults to 0.05.
+        exp_curvature (float): Curvature c of the ``'exp'`` curve over the normalised window,
+            independent of its length and unit. Defaults to 1.45 (the MaxQ reference's shape).
         interval (int): Log sparsity and preserve rate every ``interval`` iterations. Defaults to 50.
         mask_interval (int): Recompute masks after every ``mask_interval``-th optimizer step (and
             always after the last). 1 is the exact method; larger values amortise the mask cost at
             the price of masks that lag the weights (an explicit approximation). Defaults to 1.
+        exp_rate (float, optional): Removed (it was a rate per unit of progress, so the curve's
+            shape depended on the window's length); giving it raises a ``ValueError`` that says
+            which ``exp_curvature`` to use instead.
 
     Note:
         Pair it with :class:`NMSparseOptimWrapper` (or the AMP variant) for the SR-STE gradient decay.
@@ -44,9 +49,16 @@ class MaxQHook(Hook):
     priority = 'NORMAL'
 
     def __init__(self, schedule: str = 'cubic', start: int = 0, end: int = 0,
-                 by_epoch: bool = False, exp_rate: float = 0.05, interval: int = 50,
-                 mask_interval: int = 1) -> None:
-        validate_schedule(schedule, start, end)
+                 by_epoch: bool = False, exp_curvature: float = EXP_CURVATURE, interval: int = 50,
+                 mask_interval: int = 1, exp_rate: Optional[float] = None) -> None:
+        if exp_rate is not None:
+            raise ValueError(
+                f'MaxQHook: exp_rate={exp_rate!r} is no longer accepted: it was a rate per unit of '
+                'progress, so on windows counted in iterations the exp curve collapsed to a step. '
+                f'Use exp_curvature, the curvature over the whole window (default {EXP_CURVATURE}, '
+                'the shape of the MaxQ reference code); the old value on this window is '
+                f'exp_curvature = exp_rate * (end - start) = {exp_rate * (end - start):g}')
+        validate_schedule(schedule, start, end, exp_curvature)
         if interval < 1 or mask_interval < 1:
             raise ValueError(f'interval and mask_interval must be >= 1, got {interval}, '
                              f'{mask_interval}')
@@ -56,7 +68,7 @@ class MaxQHook(Hook):
         self.start = start
         self.end = end
         self.by_epoch = by_epoch
-        self.exp_rate = exp_rate
+        self.exp_curvature = exp_curvature
         self.interval = interval
 
     # -- progress -------------------------------------------------------------------------------
@@ -68,7 +80,7 @@ class MaxQHook(Hook):
     def preserve_rate_at(self, runner, iteration: int) -> float:
         """Preserve rate used by training iteration ``iteration`` (0-based)."""
         return preserve_rate(self._progress(runner, iteration), self.start, self.end, self.schedule,
-                             self.exp_rate)
+                             self.exp_curvature)
 
     def sparse_layers(self, runner) -> List[Tuple[str, NMSparseMixin]]:
         """All N:M layers of the runner's model, with names."""
@@ -92,6 +104,7 @@ class MaxQHook(Hook):
     # -- stages ---------------------------------------------------------------------------------
     def before_train(self, runner) -> None:
         """Validate the set-up, bind the optimizer wrapper and compute the first masks."""
+        self._check_window(runner)
         layers = self.sparse_layers(runner)
         if not layers:
             raise RuntimeError('MaxQHook found no N:M layer in the model: set conv_cfg to a MaxQ / '
@@ -114,6 +127,25 @@ class MaxQHook(Hook):
             f'{"epochs" if self.by_epoch else "iterations"}; preserve rate now '
             f'{self.preserve_rate_at(runner, runner.iter):.4f}\n'
             f'N:M sparsity at start of training:\n{format_report(model_report(self._model(runner)))}')
+
+    def _check_window(self, runner) -> None:
+        """Refuse a window that ends after training: the last step would jump to p = 0 unannounced.
+
+        ``end`` equal to the training length is valid: the schedule reaches 0 exactly at the end.
+        """
+        if self.by_epoch:
+            # epochs the iterations span (max_epochs of an epoch-based loop; an iteration-based
+            # loop reports max_epochs = 1 whatever the length of its dataloader)
+            total = math.ceil(runner.max_iters / len(runner.train_dataloader))
+            unit, length = 'epochs', f'{total} epochs ({runner.max_iters} iterations)'
+        else:
+            total, unit = runner.max_iters, 'iterations'
+            length = f'max_iters={total}'
+        if self.end > total:
+            raise ValueError(
+                f'MaxQHook: the preserve-rate window start={self.start}, end={self.end} {unit} '
+                f'ends after training ({length}): every mask would jump to full N:M sparsity at '
+                f'the last step; set end <= {total} (and start <= end) or train longer')
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         """Compute the masks for the next iteration (p = 0 after the last) and log."""
