@@ -5,7 +5,9 @@ import subprocess
 import sys
 from typing import List, Optional
 
+import torch
 from mmengine.config import Config
+from torch.utils.data import Dataset
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PY = sys.executable
@@ -60,3 +62,18 @@ def run_tool(tool: str, args: List[str], timeout: int = 600, check: bool = True,
         raise AssertionError(f'{tool} {args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n'
                              f'{proc.stderr[-6000:]}')
     return proc
+
+
+class ToyRegression(Dataset):
+    """8 fixed samples ``dict(inputs=(16,), targets=(8,))`` for toy runners: 2 batches of 4."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(8, 16, generator=g)
+        self.y = torch.randn(8, 8, generator=g)
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, idx):
+        return dict(inputs=self.x[idx], targets=self.y[idx])

@@ -2,12 +2,11 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import ToyRegression, tiny_config
 from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
-from torch.utils.data import Dataset
 
 import mmsparse  # noqa: F401
 from mmsparse.maxq import MaxQLinear
@@ -103,21 +102,6 @@ def test_hook_refuses_the_old_exp_rate_and_says_what_to_use():
 
 
 # -- the window against the training length, in mmengine's Runner on a toy model -----------------
-class _Data(Dataset):
-    """8 samples: 2 batches of 4 per epoch."""
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(8, 16, generator=g)
-        self.y = torch.randn(8, 8, generator=g)
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, idx):
-        return dict(inputs=self.x[idx], targets=self.y[idx])
-
-
 class _Toy(BaseModel):
 
     def __init__(self):
@@ -137,7 +121,7 @@ def _runner(tmp_path, hook, train_cfg):
     sampler = dict(type='DefaultSampler' if by_epoch else 'InfiniteSampler', shuffle=False)
     return Runner(
         model=_Toy(), work_dir=str(tmp_path), experiment_name='_'.join(tmp_path.parts[-2:]),
-        train_dataloader=dict(dataset=_Data(), sampler=sampler, batch_size=4, num_workers=0,
+        train_dataloader=dict(dataset=ToyRegression(), sampler=sampler, batch_size=4, num_workers=0,
                               collate_fn=dict(type='default_collate')),
         optim_wrapper=dict(type='NMSparseOptimWrapper', optimizer=dict(type='SGD', lr=0.01)),
         train_cfg=train_cfg, custom_hooks=[dict(type='MaxQHook', interval=1, **hook)],

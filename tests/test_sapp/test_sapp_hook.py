@@ -3,10 +3,10 @@ import copy
 
 import pytest
 import torch
+from helpers import ToyRegression
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
 from torch import nn
-from torch.utils.data import Dataset
 
 import mmsparse  # noqa: F401
 from mmsparse.compat import safe_load_from_local, to_plain
@@ -15,20 +15,6 @@ from mmsparse.sapp import SAPPLinear, SequentialAttentionHook
 # dense [0,1) -> sparsify [1,3) -> sparse [3,4) -> dense [4,5) -> sparsify [5,7) -> sparse [7, end)
 PHASES = dict(warmup=1, sparsify=2, sparse=1, dense=1, cycles=2, c=4.0)
 MAX_ITERS = 8
-
-
-class _Data(Dataset):
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(8, 16, generator=g)
-        self.y = torch.randn(8, 8, generator=g)
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, idx):
-        return dict(inputs=self.x[idx], targets=self.y[idx])
 
 
 class _Toy(BaseModel):
@@ -50,7 +36,7 @@ class _Toy(BaseModel):
 def _runner(work_dir, name, resume_from=None, hook=None, optimizer=None, model=None):
     return Runner(
         model=model or _Toy(), work_dir=str(work_dir), experiment_name=name,
-        train_dataloader=dict(dataset=_Data(), sampler=dict(type='InfiniteSampler', shuffle=False),
+        train_dataloader=dict(dataset=ToyRegression(), sampler=dict(type='InfiniteSampler', shuffle=False),
                               batch_size=4, num_workers=0, collate_fn=dict(type='default_collate')),
         optim_wrapper=dict(optimizer=optimizer or dict(type='SGD', lr=0.1, momentum=0.9,
                                                        weight_decay=1e-3)),
