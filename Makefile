@@ -4,10 +4,14 @@ PY := .venv/bin/python
 DEMO_DATA := data/demo_coco
 WORK := work_dirs/demo
 
-.PHONY: install test test-fast demo data clean
+.PHONY: install lint test test-fast demo data clean
 
 install:
 	bash tools/install.sh
+
+# ruff, pinned in requirements/pins.txt, with the settings in pyproject.toml
+lint: install
+	.venv/bin/ruff check mmsparse tools tests configs
 
 test: install
 	$(PY) -m pytest -q tests

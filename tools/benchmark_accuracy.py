@@ -240,12 +240,12 @@ def achieved(model: nn.Module, cfg: dict, runner: Optional[Runner] = None) -> di
         out['nm_sparsity'] = sum(s.zeros for s in nm) / max(sum(s.numel for s in nm), 1)
     layers = cgmq_layers(model)
     if layers:
-        mods = [l for _, l in layers]
+        mods = [lay for _, lay in layers]
         rel = total_bops(mods) / full_precision_bops(mods)
         out['bops_rel'] = rel
         out['bops_budget_rel'] = cfg['budget']
         out['bops_ok'] = rel <= cfg['budget'] + 1e-12
-        out['bits'] = {name: f'w{l.bits_w}a{l.bits_a}' for name, l in layers}
+        out['bits'] = {name: f'w{lay.bits_w}a{lay.bits_a}' for name, lay in layers}
         hook = next((h for h in (runner.hooks if runner else []) if type(h).__name__ == 'CGMQHook'),
                     None)
         if hook is not None and hook.trajectory:
@@ -257,19 +257,19 @@ def achieved(model: nn.Module, cfg: dict, runner: Optional[Runner] = None) -> di
                 (i for (i, _), o in zip(hook.trajectory, over) if not o), None)
             out['iters_over_budget_share'] = sum(over) / len(over)
     if BlockSparseMixin is not None:
-        blocks = [(n_, l) for n_, l in model.named_modules()
-                  if isinstance(l, BlockSparseMixin) and l.dense_reason is None]
+        blocks = [(n_, lay) for n_, lay in model.named_modules()
+                  if isinstance(lay, BlockSparseMixin) and lay.dense_reason is None]
         if blocks:
-            per = {n_: block_sparsity(l.folded_weight(), l.block_size) for n_, l in blocks}
+            per = {n_: block_sparsity(lay.folded_weight(), lay.block_size) for n_, lay in blocks}
             out['block_sparsity'] = per
-            out['block_counts'] = {n_: l.n_blocks for n_, l in blocks}
+            out['block_counts'] = {n_: lay.n_blocks for n_, lay in blocks}
             out['block_sparsity_min'] = min(per.values())
             # the hook prunes floor(s*n + 1/2) blocks per layer; count all-zero folded blocks
             out['block_ok'] = all(
-                round(per[k] * l.n_blocks) >= math.floor(cfg['target'] * l.n_blocks + 0.5)
-                for k, l in blocks)
-            dense_block = [n_ for n_, l in model.named_modules()
-                           if isinstance(l, BlockSparseMixin) and l.dense_reason is not None]
+                round(per[k] * lay.n_blocks) >= math.floor(cfg['target'] * lay.n_blocks + 0.5)
+                for k, lay in blocks)
+            dense_block = [n_ for n_, lay in model.named_modules()
+                           if isinstance(lay, BlockSparseMixin) and lay.dense_reason is not None]
             out['block_dense_layers'] = dense_block
     out['compressed_weight_share'] = compressed_numel / max(total, 1)
     return out
@@ -324,7 +324,7 @@ def run_benchmark(methods: List[str], seeds: List[int], pretrain_iters: int, fin
             run.update(achieved(model, cfg, runner))
             results[name]['runs'].append(run)
             log(f'  {name:14s} acc {run["acc"]:.4f}  {_achieved_str(run)}  ({run["seconds"]:.1f}s)')
-    for name, res in results.items():
+    for res in results.values():
         accs = [r['acc'] for r in res['runs']]
         res['acc_mean'] = statistics.fmean(accs)
         res['acc_std'] = statistics.stdev(accs) if len(accs) > 1 else 0.0

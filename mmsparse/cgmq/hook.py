@@ -185,7 +185,7 @@ class CGMQHook(Hook):
             over its calls of each call's max |x|; across ranks the max of those means is taken,
             which can be slightly below the single-process value with the same global batch.
         """
-        layers = [(n, l) for n, l in self._layers(runner) if not bool(l.calibrated)]
+        layers = [(n, lay) for n, lay in self._layers(runner) if not bool(lay.calibrated)]
         if not layers:
             return 0
         model = unwrap(runner.model)
@@ -211,7 +211,7 @@ class CGMQHook(Hook):
                 m.training = mode
         all_reduce(max_abs, op='max')
         all_reduce(minimum, op='min')
-        for (name, layer), layer_max, layer_min in zip(layers, max_abs, minimum):
+        for (_, layer), layer_max, layer_min in zip(layers, max_abs, minimum):
             reached = torch.isfinite(layer_max)
             if not reached.any():
                 # not reached by the data on any rank (e.g. a branch unused here): weights only,
@@ -278,9 +278,9 @@ class CGMQHook(Hook):
             hub.update_scalar('train/cgmq_gbops', bops / 1e9)
             hub.update_scalar('train/cgmq_budget_rel', self.budget / self.full)
             hub.update_scalar('train/cgmq_over_budget', float(bops > self.budget))
-            layers = [l for _, l in self._layers(runner)]
-            hub.update_scalar('train/cgmq_mean_bits_w', sum(l.bits_w for l in layers) / len(layers))
-            hub.update_scalar('train/cgmq_mean_bits_a', sum(l.bits_a for l in layers) / len(layers))
+            layers = [lay for _, lay in self._layers(runner)]
+            hub.update_scalar('train/cgmq_mean_bits_w', sum(lay.bits_w for lay in layers) / len(layers))
+            hub.update_scalar('train/cgmq_mean_bits_a', sum(lay.bits_a for lay in layers) / len(layers))
             runner.logger.info(f'CGMQHook iter {runner.iter + 1}: {self._status(runner)}')
 
     def enforce_budget(self, runner) -> List[dict]:
@@ -306,7 +306,7 @@ class CGMQHook(Hook):
         meta['cgmq'] = dict(
             bops=int(bops), budget=int(self.budget), full_bops=int(self.full),
             relative_bops=float(bops / self.full), within_budget=bool(within),
-            bits={name: [int(l.bits_w), int(l.bits_a)] for name, l in self._layers(runner)})
+            bits={name: [int(lay.bits_w), int(lay.bits_a)] for name, lay in self._layers(runner)})
         if not within:
             # meta['iter'] counts the iterations done (runner.iter lags by one inside the loop)
             done = meta.get('iter', runner.iter)

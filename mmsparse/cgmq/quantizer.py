@@ -17,7 +17,7 @@ restricted range at 8 bits, zero exactly representable) and an unsigned one ``[0
 Gates are ``z_b = 1[g_b > 0]`` with a straight-through gradient to ``g_b``; nothing is sampled, so
 training and inference quantize identically.
 """
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from torch import Tensor

@@ -4,7 +4,7 @@ from typing import Iterable, List, Mapping, Optional
 
 from torch import Tensor, nn
 
-from .patterns import NMPattern, Violation, to_blocks
+from .patterns import NMPattern, to_blocks
 from .spec import CompressedLayer, FoldSpec
 
 

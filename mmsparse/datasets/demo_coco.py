@@ -80,7 +80,8 @@ def _has_holes(mask: np.ndarray) -> bool:
 
 
 def _punches_hole(raster: np.ndarray, rasters: list[np.ndarray], visibles: list[np.ndarray]) -> bool:
-    """Whether drawing ``raster`` would leave a hole in the annotation of an earlier, still annotated shape."""
+    """Whether drawing ``raster`` would leave a hole in the annotation of an earlier, still annotated
+    shape."""
     for full, vis in zip(rasters, visibles):
         if (vis & raster).any():
             cleaned = _clean(vis & ~raster)
@@ -142,11 +143,13 @@ def _render_image(h: int, w: int, max_objects: int,
         else:
             continue  # no acceptable placement found: this image gets one shape fewer
         touching = cv2.dilate(raster.astype(np.uint8), _OPEN_KERNEL, iterations=2).astype(bool)
-        refs = [img[raster].mean(0)] + [colours[i] for i, vis in enumerate(visibles) if (vis & touching).any()]
+        refs = [img[raster].mean(0)] + [colours[i] for i, vis in enumerate(visibles)
+                                        if (vis & touching).any()]
         colour = _pick_colour(refs, rng)
         direction = rng.normal(0, 1, 2)
         ys, xs = np.nonzero(raster)
-        shade = ((xs - centre[0]) * direction[0] + (ys - centre[1]) * direction[1]) / np.linalg.norm(direction)
+        shade = (((xs - centre[0]) * direction[0] + (ys - centre[1]) * direction[1])
+                 / np.linalg.norm(direction))
         img[raster] = colour + (rng.uniform(0, 25) * shade / size)[:, None]
         for vis in visibles:
             vis &= ~raster
@@ -207,7 +210,8 @@ def _write_split(out_dir: str, split: str, num_images: int, img_size: int, max_o
         for label, mask in objects:
             annotations.append(dict(id=len(annotations) + 1, image_id=image_id, category_id=label + 1,
                                     iscrowd=0, **_annotation(mask)))
-    stale = {f for f in os.listdir(img_dir) if re.fullmatch(r'\d{6}\.png', f)} - {i['file_name'] for i in images}
+    stale = ({f for f in os.listdir(img_dir) if re.fullmatch(r'\d{6}\.png', f)}
+             - {i['file_name'] for i in images})
     for name in sorted(stale):  # left by an earlier, larger generation
         os.remove(osp.join(img_dir, name))
     categories = [dict(id=i + 1, name=name, supercategory='shape') for i, name in enumerate(DEMO_CLASSES)]

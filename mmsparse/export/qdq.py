@@ -113,7 +113,6 @@ def export_qdq(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torch
         raise ValueError(f'per-channel QuantizeLinear needs opset >= 13, got {opset}')
     if not quantized_layers(model):
         raise ValueError('export_qdq: the model has no quantized layer')
-    import onnx
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs, )
     with qdq_export_mode(model) as plain:

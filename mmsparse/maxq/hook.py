@@ -179,7 +179,7 @@ class MaxQHook(Hook):
         self._masks_loaded = not missing
         if not missing:
             return
-        oneshot = [n for n, l in self.sparse_layers(runner) if n in missing and not l.recompute_each_step]
+        oneshot = [n for n, lay in self.sparse_layers(runner) if n in missing and not lay.recompute_each_step]
         # This hook runs inside Runner.resume before the iteration is restored (runner.iter is
         # still 0): a resume is told by the runner's flag and the checkpoint's own iteration.
         resuming = getattr(runner, '_resume', False) and (checkpoint.get('meta') or {}).get('iter', 0) > 0

@@ -278,11 +278,11 @@ def test_greedy_reduction_is_minimal():
     net = SmallNet()
     macs = trace_macs(net, (3, 16, 16))
     layers = [('conv1', net.conv1), ('conv2', net.conv2), ('fc', net.fc)]
-    bops = total_bops(l for _, l in layers)
+    bops = total_bops(lay for _, lay in layers)
     # just below the start: the cheapest single step that suffices is the fc layer (smallest MACs)
     changes = greedy_reduction(layers, bops - 1)
     assert len(changes) == 1 and changes[0]['layer'] == 'fc' and changes[0]['bits_to'] == 4
-    assert total_bops(l for _, l in layers) <= bops - 1
+    assert total_bops(lay for _, lay in layers) <= bops - 1
     assert greedy_reduction(layers, 10 ** 12) == []
     changes = greedy_reduction(layers, sum(macs.values()) * 4)
-    assert all(l.bits_w == 2 and l.bits_a == 2 for _, l in layers)
+    assert all(lay.bits_w == 2 and lay.bits_a == 2 for _, lay in layers)

@@ -1,6 +1,4 @@
 """CGMQ in MMEngine's Runner on a tiny model: budget reached without tuning, resume, bad budgets."""
-import copy
-import logging
 
 import pytest
 import torch
@@ -62,7 +60,7 @@ def test_tiny_run_from_8_8_meets_4_4_budget_without_tuning(tmp_path):
     runner = make_runner(tmp_path / 'run', max_iters=30)
     runner.train()
     hook = _hook(runner)
-    layers = [l for _, l in cgmq_layers(runner.model)]
+    layers = [lay for _, lay in cgmq_layers(runner.model)]
     final = total_bops(layers)
     assert hook.trajectory[0][1] > hook.budget  # started at 8/8
     assert final <= hook.budget == int(16 / 1024 * hook.full)
@@ -119,4 +117,4 @@ def test_greedy_fix_when_plain_optimizer_wrapper(tmp_path):
     runner = make_runner(tmp_path / 'plain', max_iters=3, optim_type='OptimWrapper')
     runner.train()
     hook = _hook(runner)
-    assert total_bops(l for _, l in cgmq_layers(runner.model)) <= hook.budget
+    assert total_bops(lay for _, lay in cgmq_layers(runner.model)) <= hook.budget

@@ -7,6 +7,7 @@ Every run is a :class:`proc_helpers.GroupRun`: however a test ends, no process o
 import glob
 import os
 import os.path as osp
+import pickle
 import re
 import signal
 import subprocess
@@ -127,7 +128,7 @@ def test_sigkill_while_fold_writes_keeps_previous_file(sapp_runs):
     out = sapp_runs / 'folded'
     fold_checkpoint(cfg, str(sapp_runs / 'full' / 'iter_6.pth'), str(out), out_name='model')
     old_pth, old_py = (out / 'model.pth').read_bytes(), (out / 'model.py').read_bytes()
-    for attempt in range(3):
+    for attempt in range(3):  # noqa: B007  (reported after the loop)
         for tmp in glob.glob(str(out / '.tmp-*')):
             os.remove(tmp)
         with GroupRun([sys.executable, osp.join(ROOT, 'tools', 'fold.py'), cfg,
@@ -155,5 +156,5 @@ def test_sigkill_while_fold_writes_keeps_previous_file(sapp_runs):
     size = osp.getsize(partial)
     print(f'killed at attempt {attempt + 1}: temp file {size} bytes, previous file '
           f'{len(old_pth)} bytes intact')
-    with pytest.raises(Exception):
+    with pytest.raises((RuntimeError, EOFError, pickle.UnpicklingError)):
         torch.load(partial, weights_only=True)

@@ -1,5 +1,4 @@
 import pytest
-import torch
 from mmengine.registry import MODELS
 from torch import nn
 

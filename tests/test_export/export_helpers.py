@@ -1,9 +1,8 @@
-"""Helpers of the export tests: a tiny N:M-sparse Mask R-CNN (R18 demo, MaxQ 1:16 backbone + converted neck and box head)."""
-import glob
+"""Helpers of the export tests: a tiny N:M-sparse Mask R-CNN (R18 demo, MaxQ 1:16 backbone, converted
+neck and box head)."""
 import os.path as osp
 import sys
 
-import pytest
 import torch
 from mmengine.config import Config
 

@@ -11,7 +11,6 @@ import sys
 
 def predict(model, cfg, images):
     """``{f'{i}_{field}': array}`` of bboxes, scores, labels, masks for each image path."""
-    import numpy as np
     import torch
     from mmcv.transforms import Compose
     from mmengine.dataset import pseudo_collate

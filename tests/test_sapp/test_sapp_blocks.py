@@ -1,5 +1,4 @@
 """Block tiling of the SPEC §3 2-D view, block masks, the block verifier and the BSR copy."""
-import numpy as np
 import pytest
 import torch
 
@@ -111,5 +110,6 @@ def test_block_multiply_equals_expanded_mask(shape, size):
 def test_min_share_means_at_least_that_share():
     w = torch.ones(8, 80)   # 10 blocks in one row
     w[:, :56] = 0           # 7 zero blocks
-    assert verify_state_dict({'a.weight': w}, specs_from_patterns({'a': 'block8@0.7'})) == []  # 0.7 * 10 is not 8
+    # 0.7 * 10 is not 8
+    assert verify_state_dict({'a.weight': w}, specs_from_patterns({'a': 'block8@0.7'})) == []
     assert len(verify_state_dict({'a.weight': w}, specs_from_patterns({'a': 'block8@0.71'}))) == 1

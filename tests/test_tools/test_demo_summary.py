@@ -55,7 +55,7 @@ def test_training_maps_from_text_log(tmp_path):
     write(str(run / '20260101_090000.log'), textwrap.dedent('''\
         2026/01/01 09:10:00 - mmengine - INFO - Iter(train) [150/150]  loss: 1.2
         2026/01/01 09:11:00 - mmengine - INFO - Iter(val) [15/15]    coco/bbox_mAP: 0.3140  coco/bbox_mAP_50: 0.5500  coco/segm_mAP: 0.3080  data_time: 0.01
-        '''))
+        '''))  # noqa: E501  (a real log line)
     assert demo_summary.training_maps(str(tmp_path / 'maxq')) == {
         'coco/bbox_mAP': 0.314, 'coco/segm_mAP': 0.308}
     assert demo_summary.training_maps(str(tmp_path / 'missing')) is None
@@ -69,7 +69,7 @@ def test_format_seconds():
 def stage_rows(text):
     """``{stage title: its status/result lines joined}`` of a printed summary."""
     lines = text[text.index('=== demo summary'):].splitlines()[1:]
-    rows = {}
+    rows, title = {}, None
     for line in lines:
         if line.startswith('    '):
             rows[title] += line + '\n'
