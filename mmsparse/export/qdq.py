@@ -10,9 +10,10 @@ In export mode every CGMQ layer emits, through the TorchScript exporter (``dynam
 * tensors at 16 or 32 bits have no int8 form: weights are stored as their quantized float values and
   activations pass through in float (their fake-quant error is below 1e-4 of the range).
 
-ONNX Runtime then computes what the fake-quant PyTorch model computes (up to rounding ties, which
-ONNX resolves half-to-even and CGMQ half-toward-zero, and float summation order). The per-layer bit
-widths are stored in the model's ``metadata_props`` under ``mmsparse_cgmq_bits`` (JSON).
+ONNX Runtime then computes what the fake-quant PyTorch model computes: the quantized values
+exactly (CGMQ computes a code as QuantizeLinear does, ``x / scale`` rounded half to even), the
+layers' float arithmetic up to summation order. The per-layer bit widths are stored in the
+model's ``metadata_props`` under ``mmsparse_cgmq_bits`` (JSON).
 
 Detectors go through the same mmdeploy end-to-end export as the other methods
 (:func:`export_qdq_detector`: the CGMQ model itself, in QDQ mode, instead of a folded plain model).
@@ -369,7 +370,7 @@ def qdq_parity(onnx_file: str, model: nn.Module,
         list[dict]: one row per pair, over all feeds: ``layer``, ``kind``, ``numel`` (values
         compared), ``max_abs_diff``, ``max_diff_steps`` (in units of the grid step) and
         ``mismatches`` (values more than half a step apart, i.e. a different integer code;
-        expected only at rounding ties).
+        expected: none).
     """
     tensors = qdq_tensors(onnx_file)
     names = [t.output for t in tensors] + [t.source for t in tensors if t.kind == 'act']
