@@ -8,11 +8,22 @@ For a clipping range ``[α, β]`` (signed: ``α = −β``; unsigned: ``α = 0``)
     ε_b = s_b · R((x_c − x_{b/2}) / s_b)           (x_b = x_{b/2} + ε_b: the residual at scale s_b)
     x_q = x2 + z4(ε4 + z8(ε8 + z16(ε16 + z32·ε32)))
 
-``R`` rounds half toward zero and is straight-through in the backward pass. Codes are clamped to
-the integer range of their level: ``x2`` to ``[−1, 1]`` (signed) or ``[0, 3]`` (unsigned), each residual
-to ``±2^(b/2−1)`` (its exact mathematical range; the clamp only absorbs float noise at the range edges),
-so a signed b-bit tensor takes the symmetric integer codes ``[−(2^(b−1)−1), 2^(b−1)−1]`` (int8's
-restricted range at 8 bits, zero exactly representable) and an unsigned one ``[0, 2^b−1]``.
+``R`` rounds to the nearest integer, ties to even, and is straight-through in the backward pass.
+A signed b-bit tensor takes the symmetric integer codes ``[−(2^(b−1)−1), 2^(b−1)−1]`` (int8's
+restricted range at 8 bits, zero exactly representable) and an unsigned one ``[0, 2^b−1]``; ``x2``
+has the codes ``[−1, 1]`` or ``[0, 3]``, each residual ``±2^(b/2−1)``.
+
+Computed the way ONNX ``QuantizeLinear`` computes a code: the b-bit code of the widest switched-on
+level is ``c_b = clamp(R(x_c / s_b), lo, hi)``, one float division rounded half to even and clamped
+to the range above (``x = ±β``, on a signed grid the tie ``±(2^(b−1) − ½)``, gets the outermost
+code), and ``x_q = c_b · s_b``; the residual codes follow from ``c_b`` in integer arithmetic,
+``c_{b/2} = round(c_b / (2^(b/2)+1))`` (never a tie: the divisor is odd) and
+``ε_b = s_b · (c_b − (2^(b/2)+1) · c_{b/2})``. This is the decomposition above exactly, every tie
+resolved so that the b-bit code is even (rounding each residual to even on its own would not be:
+``x / s4 = 5.5`` would give code 5, ONNX 6), and it makes training, the folded weights and the QDQ
+graph agree bit for bit: ONNX Runtime's ``QuantizeLinear`` of the same float32 values at the same
+scales gives the same codes, ties or not. 32-bit codes exceed float32's integers: that level is
+computed in float64.
 
 Gates are ``z_b = 1[g_b > 0]`` with a straight-through gradient to ``g_b``; nothing is sampled, so
 training and inference quantize identically.
@@ -26,11 +37,6 @@ from ..core.ext import use_kernel
 
 BIT_WIDTHS: Tuple[int, ...] = (2, 4, 8, 16, 32)
 GATED_BITS: Tuple[int, ...] = BIT_WIDTHS[1:]  # 2 bits is the floor, gates switch 4, 8, 16, 32 on
-
-
-def round_half_toward_zero(x: Tensor) -> Tensor:
-    """Round to the nearest integer, ties toward zero (so ``±(2^(b−1) − ½)`` maps inside the range)."""
-    return x.abs().sub_(0.5).ceil_().copysign_(x)
 
 
 def scales(span: Tensor) -> List[Tensor]:
@@ -75,14 +81,35 @@ def _clip(x: Tensor, beta: Tensor, signed: bool) -> Tensor:
     return torch.minimum(torch.maximum(x, -beta if signed else torch.zeros_like(beta)), beta)
 
 
-def _code(residual: Tensor, scale: Tensor, level: int, signed: bool) -> Tensor:
-    """Clamped integer code (as float) of ``residual`` at the level's scale; ``residual`` is reused."""
-    if level == 0:
-        lo, hi = code_range(2, signed)
-    else:
-        hi = 2 ** (BIT_WIDTHS[level] // 2 - 1)
-        lo = -hi
-    return round_half_toward_zero(residual.div_(scale)).clamp_(lo, hi)
+def _code(x_c: Tensor, s: List[Tensor], level: int, signed: bool) -> Tensor:
+    """The code ``clamp(R(x_c / s_b), lo, hi)`` (as float) of the width ``b = BIT_WIDTHS[level]``.
+
+    One division rounded half to even, as ONNX ``QuantizeLinear`` computes it; float64 at 32 bits.
+    """
+    lo, hi = code_range(BIT_WIDTHS[level], signed)
+    if level == len(BIT_WIDTHS) - 1:
+        return (x_c.double() / s[level].double()).round_().clamp_(lo, hi)
+    return (x_c / s[level]).round_().clamp_(lo, hi)
+
+
+# s_l = s_{l-1} / d_l: the (odd) multipliers 2^(b/2) + 1 from level l - 1 to level l
+_MULTIPLIERS = tuple(2.0 ** b + 1.0 for b in BIT_WIDTHS[:-1])
+
+
+def _split_codes(code: Tensor, level: int) -> List[Tensor]:
+    """Residual codes ``q_1 … q_level`` (as float) of a level-``level`` code.
+
+    ``q_l = c_l − d_l · c_{l−1}`` with ``c_{l−1} = round(c_l / d_l)``: exact integers with
+    ``|q_l| ≤ (d_l − 1) / 2``, as ``c_l / d_l`` lies at least ``1 / (2 d_l)`` from a tie (far more
+    than the error of the multiplication by ``1 / d_l``).
+    """
+    out = []
+    for lev in range(level, 0, -1):
+        d = _MULTIPLIERS[lev - 1]
+        prev = code.mul(1.0 / d).round_()
+        out.append(code - prev * d)
+        code = prev
+    return out[::-1]
 
 
 # smallest integer type holding the codes of each residual level (±2, ±8, ±128, ±32768)
@@ -125,16 +152,12 @@ def _gate_grads(per_level: Tensor, n_on: int, gates: Tensor) -> Tensor:
 def _quantize_levels(x: Tensor, beta: Tensor, signed: bool, n_on: int,
                      keep_codes: bool) -> Tuple[Tensor, List[Tensor]]:
     """``x_q`` over the first ``n_on`` residual levels with tensor ops, and their codes if asked."""
-    x_c = _clip(x, beta, signed)
     s = scales(2.0 * beta if signed else beta)
-    x_q, codes = None, []
-    for level in range(n_on + 1):
-        code = _code(x_c.clone() if x_q is None else x_c - x_q, s[level], level, signed)
-        if keep_codes and level > 0:
-            codes.append(code.to(_CODE_DTYPES[level - 1]))
-        eps = code.mul_(s[level])
-        x_q = eps if x_q is None else x_q.add_(eps)
-    return x_q, codes
+    code = _code(_clip(x, beta, signed), s, n_on, signed)
+    x_q = (code * s[n_on].to(code.dtype)).to(x.dtype)
+    if not keep_codes:
+        return x_q, []
+    return x_q, [q.to(dtype) for q, dtype in zip(_split_codes(code, n_on), _CODE_DTYPES)]
 
 
 def _forward(ctx, quantize: Callable, x: Tensor, beta: Tensor, gates: Tensor, signed: bool,
@@ -150,8 +173,8 @@ def _forward(ctx, quantize: Callable, x: Tensor, beta: Tensor, gates: Tensor, si
 class _NestedQuantize(torch.autograd.Function):
     """Fused nested fake-quantization, with the straight-through gradients in closed form.
 
-    The straight-through estimator makes rounding and the code clamps (which only absorb float
-    noise) identities in the backward pass, so ``d x_q / d x_c = 1`` and, as every scale is
+    The straight-through estimator makes rounding and the code clamp (which acts only at the
+    range ends) identities in the backward pass, so ``d x_q / d x_c = 1`` and, as every scale is
     proportional to β, ``d x_q / d β = (x_q − x_c) / β`` at fixed ``x_c``; the clip adds
     ``d x_c / d β = ±1`` outside ``[α, β]``. A gate's gradient is ``d x_q / d z_l = Σ_{k≥l} ε_k``
     over the switched-on levels (``ε_l`` alone for the first switched-off level, zero beyond).
@@ -181,9 +204,11 @@ class _NestedQuantize(torch.autograd.Function):
             # Σ grad · ε_l per level, ε_l = s_l · code_l (s_l per tensor or per channel)
             per_level = [(_dot_to(grad, code, beta.shape) * s[level]).sum()
                          for level, code in enumerate(codes, start=1)]
-            if n_on < len(GATED_BITS):  # the first switched-off level, residual of x_q
-                off = _code(x_c.sub_(x_q), s[n_on + 1], n_on + 1, signed)
-                per_level.append((_dot_to(grad, off, beta.shape) * s[n_on + 1]).sum())
+            if n_on < len(GATED_BITS):  # the first switched-off level: c_2b − d · c_b
+                off = _code(x_c, s, n_on + 1, signed)
+                off = off - _code(x_c, s, n_on, signed).to(off.dtype) * _MULTIPLIERS[n_on]
+                per_level.append((_dot_to(grad, off.to(grad.dtype), beta.shape)
+                                  * s[n_on + 1]).sum())
             grad_gates = _gate_grads(torch.stack(per_level), n_on, gates)
         grad_x = grad_in if ctx.needs_input_grad[0] else None
         return grad_x, grad_beta, grad_gates, None, None

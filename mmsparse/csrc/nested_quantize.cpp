@@ -1,28 +1,31 @@
-// CGMQ's nested residual fake-quantizer on CPU: one sweep forward (x_q over the switched-on levels
-// and, for the gate gradients, the integer codes of the residual levels), one sweep backward (the
-// straight-through gradient to x and the per-channel sums behind the beta and gate gradients).
-// The tensor-op version makes ~20 elementwise passes over the tensor each way.
+// CGMQ's nested residual fake-quantizer on CPU: one sweep forward (x_q at the widest switched-on
+// level and, for the gate gradients, the integer codes of the residual levels), one sweep backward
+// (the straight-through gradient to x and the per-channel sums behind the beta and gate gradients).
+// The tensor-op version makes ~10 elementwise passes over the tensor each way.
 //
 // Same definition as _NestedQuantize in mmsparse/cgmq/quantizer.py (SPEC section 2), element by
 // element with the same float32 operations in the same order, so x_q is bit-identical to it:
-//   s_0 = span / 3, s_l = s_(l-1) / (2^(2^l) + 1)  (span = 2 beta signed, beta unsigned)
-//   x_c = clip(x, alpha, beta), q_0 = clamp(R(x_c / s_0)), x_q = q_0 s_0,
-//   q_l = clamp(R((x_c - x_q) / s_l), -h_l, h_l), x_q = x_q + q_l s_l  for l = 1..levels,
-// R(v) = copysign(ceil(|v| - 0.5), v) (round half toward zero), q_0 in [-1, 1] (signed) or [0, 3],
-// h_l = 2, 8, 128, 32768. Codes are kept as int8, int8, int16, int32 (levels 1..4).
+//   s_0 = span / 3, s_l = s_(l-1) / d_l, d_l = 2^(2^l) + 1  (span = 2 beta signed, beta unsigned)
+//   x_c = clip(x, alpha, beta), c = clamp(R(x_c / s_L), lo_L, hi_L), x_q = c s_L  (L = levels)
+// with R = round half to even (nearbyint, as ONNX QuantizeLinear: one division, then rounding)
+// and [lo_L, hi_L] the code range of the width 2^(L+1): [-(2^(b-1) - 1), 2^(b-1) - 1] signed,
+// [0, 2^b - 1] unsigned; level 4 (32 bits) in double. The residual codes, kept as int8, int8,
+// int16, int32 (levels 1..4), split c exactly: c_(l-1) = R(c_l / d_l) (never a tie, d_l is odd),
+// q_l = c_l - d_l c_(l-1), |q_l| <= 2, 8, 128, 32768.
 // Backward, per channel (one channel for a per-tensor beta), in double:
 //   sums[c][0] = sum grad * x_q - grad_in * x   (grad_beta = sums[c][0] / beta_c),
 //   sums[c][l] = sum grad * q_l for l = 1..levels and the first switched-off level (its code
-//                recomputed from x_c - x_q), when the gate sums are asked for;
+//                c_(L+1) - d_(L+1) c_L from x_c), when the gate sums are asked for;
 // grad_in = grad * [x_c == x]. Reductions run over fixed chunks of a channel (lanes in a fixed
 // order inside a chunk, chunks in order), so results do not depend on the number of threads.
 //
 // The loops vectorize under GCC's default -ftrapping-math on baseline x86-64 (SSE2): no float
-// arithmetic under a condition (GCC would keep branches, which mispredict on data), ceil through a
-// round-to-nearest constant (no SSE4.1 needed), masks as bit operations, sums in fixed lanes; on
-// x86-64 Linux the block functions also get an AVX2 clone, picked at load time. setup.py builds
-// with -ffp-contract=off, so q * s + x_q is never contracted into an FMA (which would break the
-// bit-identity) whatever the target.
+// arithmetic under a condition (GCC would keep branches, which mispredict on data), rounding
+// through a round-to-nearest-even constant (no SSE4.1 needed), masks as bit operations, sums in
+// fixed lanes; on x86-64 Linux the block functions also get an AVX2 clone, picked at load time.
+// setup.py builds with -ffp-contract=off, so c - prev * d is never contracted into an FMA
+// (harmless here, the values are exact integers, but the rule keeps every kernel bit-identical
+// to its tensor ops) whatever the target.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -42,7 +45,16 @@ namespace {
 #define MMSPARSE_VECTOR_CLONES
 #endif
 
+// Element functions inlined into every loop (a loop calling one stays scalar).
+#if defined(__GNUC__)
+#define MMSPARSE_INLINE inline __attribute__((always_inline))
+#else
+#define MMSPARSE_INLINE inline
+#endif
+
 constexpr int kMaxLevels = 4;            // residual levels: 4, 8, 16, 32 bits
+// d_l of levels 1..3 (level 4's, 65537, is applied in double)
+constexpr float kMultiplier[kMaxLevels - 1] = {5.0f, 17.0f, 257.0f};
 constexpr int64_t kBlock = 256;          // elements computed level by level in L1-resident buffers
 constexpr int64_t kChunk = 32 * kBlock;  // reduction chunk (elements of one channel), fixed
 constexpr int kLanes = 8;                // element i of a chunk sums into lane i % 8
@@ -68,32 +80,44 @@ struct CodePtrs {
 using Codes = CodePtrs<int8_t, int16_t, int32_t>;
 using ConstCodes = CodePtrs<const int8_t, const int16_t, const int32_t>;
 
-// A level's scale and code bounds.
+// A level's scale and the code range of its width.
 struct Level {
   float s, lo, hi;
+};
+
+// Level 4 (32 bits) in double: codes up to 2^32 - 1 are not float32 integers.
+struct Level64 {
+  double s, lo, hi;
 };
 
 // One channel's clip bounds and levels.
 struct Grid {
   float lo, hi;
-  Level level[kMaxLevels + 1];
+  Level level[kMaxLevels];
+  Level64 level4;
 
   Grid(float beta, bool is_signed) {
     static constexpr float kDivisor[kMaxLevels + 1] = {3.0f, 5.0f, 17.0f, 257.0f, 65537.0f};
-    static constexpr float kHalf[kMaxLevels + 1] = {0.0f, 2.0f, 8.0f, 128.0f, 32768.0f};
     lo = is_signed ? -beta : 0.0f;
     hi = beta;
     float s = (is_signed ? 2.0f * beta : beta) / kDivisor[0];
-    level[0] = {s, is_signed ? -1.0f : 0.0f, is_signed ? 1.0f : 3.0f};
-    for (int l = 1; l <= kMaxLevels; ++l) {
-      s = s / kDivisor[l];
-      level[l] = {s, -kHalf[l], kHalf[l]};
+    for (int l = 0; l <= kMaxLevels; ++l) {
+      if (l > 0) s = s / kDivisor[l];
+      const double top = is_signed ? std::ldexp(1.0, (2 << l) - 1) - 1.0
+                                   : std::ldexp(1.0, 2 << l) - 1.0;  // 2^(b-1) - 1 or 2^b - 1
+      const double bottom = is_signed ? -top : 0.0;
+      if (l < kMaxLevels) {
+        level[l] = {s, static_cast<float>(bottom), static_cast<float>(top)};
+      } else {
+        level4 = {s, bottom, top};
+      }
     }
   }
 };
 
 // min(max(v, lo), hi) with torch.clamp's semantics (NaN propagates).
-inline float clamp(float v, float lo, float hi) {
+template <typename T>
+MMSPARSE_INLINE T clamp(T v, T lo, T hi) {
   v = v < lo ? lo : v;
   return v > hi ? hi : v;
 }
@@ -103,52 +127,85 @@ inline float keep_if(bool c, float v) {
   return std::bit_cast<float>(std::bit_cast<uint32_t>(v) & (0u - static_cast<uint32_t>(c)));
 }
 
-// copysign(ceil(|v| - 0.5), v), exact while |v| < 2^22: r rounds t = |v| - 0.5 >= -0.5 to the
-// nearest integer (t + 1.5 * 2^23 lies in [2^23, 2^24), where the floats are the integers) and
-// ceil(t) = r + [r < t]; the sign of a zero does not matter under copysign. Larger |v| give at
-// least 2^22 - 1, which every code clamp maps to its bound as it does ceil's value; NaN and inf
-// propagate.
-inline float round_half_toward_zero(float v) {
-  constexpr float kMagic = 12582912.0f;
-  const float t = std::fabs(v) - 0.5f;
-  const float r = (t + kMagic) - kMagic;
-  return std::copysign(r + static_cast<float>(r < t), v);
+// v + kMagic rounds v to an integer, ties to even (the default rounding mode), while |v| < 2^22
+// (the sum lies in [2^23, 2^24), where the floats are the integers), so round_half_even is
+// std::nearbyint (torch.round) there, the sign of a zero kept by copysign. Larger |v| give at
+// least 2^22 - 1, which every float32 code clamp (at most 2^15 - 1 at 16 bits) maps to its bound as
+// it does nearbyint's value; NaN and inf propagate. The same in double, exact while |v| < 2^51.
+MMSPARSE_INLINE float round_half_even(float v) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  return std::copysign((std::fabs(v) + kMagic) - kMagic, v);
 }
 
-inline float code(float residual, Level l) {
-  return clamp(round_half_toward_zero(residual / l.s), l.lo, l.hi);
+MMSPARSE_INLINE double round_half_even(double v) {
+  constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
+  return std::copysign((std::fabs(v) + kMagic) - kMagic, v);
 }
 
-// Level L over a block: x_q += q_L s_L, codes stored when not null (NaN: code 0, not UB).
+// v where v is not NaN, else 0 (a bit mask): safe to convert to an integer type.
+MMSPARSE_INLINE float zero_nan(float v) { return keep_if(v == v, v); }
+
+MMSPARSE_INLINE double zero_nan(double v) {
+  const uint64_t mask = 0u - static_cast<uint64_t>(v == v);
+  return std::bit_cast<double>(std::bit_cast<uint64_t>(v) & mask);
+}
+
+// The code clamp(R(x_c / s), lo, hi) of a level (of level 4 in double).
+MMSPARSE_INLINE float code(float xc, Level l) {
+  return clamp(round_half_even(xc / l.s), l.lo, l.hi);
+}
+
+MMSPARSE_INLINE double code(float xc, const Level64& l) {
+  return clamp(round_half_even(static_cast<double>(xc) / l.s), l.lo, l.hi);
+}
+
+// Level L's residual codes over a block: q_L = c - d_L c', c' = R(c / d_L) replaces c (L <= 3).
 template <int L>
-inline void residual_level(const float* __restrict xc, float* __restrict xq, Level l,
-                           CodeT<L>* __restrict codes, int64_t n) {
-  if (codes == nullptr) {
-    for (int64_t i = 0; i < n; ++i) xq[i] = xq[i] + code(xc[i] - xq[i], l) * l.s;
-    return;
-  }
+MMSPARSE_INLINE void split_level(float* __restrict c, CodeT<L>* __restrict codes, int64_t n) {
+  constexpr float d = kMultiplier[L - 1], inv = 1.0f / kMultiplier[L - 1];
   for (int64_t i = 0; i < n; ++i) {
-    const float q = code(xc[i] - xq[i], l);
-    xq[i] = xq[i] + q * l.s;
-    codes[i] = static_cast<CodeT<L>>(keep_if(q == q, q));
+    const float prev = round_half_even(c[i] * inv);
+    codes[i] = static_cast<CodeT<L>>(zero_nan(c[i] - prev * d));
+    c[i] = prev;
   }
+}
+
+// Residual codes of levels 1..levels (<= 3) from the codes c of level `levels`.
+MMSPARSE_INLINE void split_codes(float* c, int64_t levels, const Codes& codes, int64_t n) {
+  if (levels >= 3) split_level<3>(c, codes.l3, n);
+  if (levels >= 2) split_level<2>(c, codes.l2, n);
+  if (levels >= 1) split_level<1>(c, codes.l1, n);
 }
 
 MMSPARSE_VECTOR_CLONES
 void forward_block(const float* x, float* out, const Grid& g, int64_t levels, const Codes& codes,
                    int64_t n) {
-  float xc[kBlock], xq[kBlock];
+  float c[kBlock];
   const float lo = g.lo, hi = g.hi;
-  const Level l0 = g.level[0];
-  for (int64_t i = 0; i < n; ++i) {
-    xc[i] = clamp(x[i], lo, hi);
-    xq[i] = code(xc[i], l0) * l0.s;
+  const bool keep = codes.l1 != nullptr;  // codes of every level 1..levels, or none
+  if (levels < kMaxLevels) {
+    const Level top = g.level[levels];
+    for (int64_t i = 0; i < n; ++i) {
+      c[i] = code(clamp(x[i], lo, hi), top);
+      out[i] = c[i] * top.s;
+    }
+    if (keep) split_codes(c, levels, codes, n);
+    return;
   }
-  if (levels >= 1) residual_level<1>(xc, xq, g.level[1], codes.l1, n);
-  if (levels >= 2) residual_level<2>(xc, xq, g.level[2], codes.l2, n);
-  if (levels >= 3) residual_level<3>(xc, xq, g.level[3], codes.l3, n);
-  if (levels >= 4) residual_level<4>(xc, xq, g.level[4], codes.l4, n);
-  std::copy(xq, xq + n, out);
+  double c4[kBlock];
+  const Level64 top = g.level4;
+  for (int64_t i = 0; i < n; ++i) {
+    c4[i] = code(clamp(x[i], lo, hi), top);
+    out[i] = static_cast<float>(c4[i] * top.s);
+  }
+  if (!keep) return;
+  constexpr double d = 65537.0, inv = 1.0 / 65537.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double prev = round_half_even(c4[i] * inv);
+    codes.l4[i] = static_cast<int32_t>(zero_nan(c4[i] - prev * d));
+    c[i] = static_cast<float>(prev);
+  }
+  split_codes(c, 3, codes, n);
 }
 
 // lane[j] += t[i] for i = j (mod kLanes).
@@ -188,12 +245,23 @@ void backward_block(const float* grad, const float* x, const float* xq, const Gr
   if (levels >= 2) code_products(grad, codes.l2, t, n), add_lanes(t, n, lane[2]);
   if (levels >= 3) code_products(grad, codes.l3, t, n), add_lanes(t, n, lane[3]);
   if (levels >= 4) code_products(grad, codes.l4, t, n), add_lanes(t, n, lane[4]);
-  if (levels < kMaxLevels) {
+  // The first switched-off level: c_(L+1) - d_(L+1) c_L, c_L = R(x_q / s_L) (exactly the forward's
+  // code, |c_L| < 2^16, also through the multiplication by 1 / s_L).
+  const float inv = 1.0f / g.level[std::min<int64_t>(levels, kMaxLevels - 1)].s;
+  if (levels < kMaxLevels - 1) {
     const Level off = g.level[levels + 1];
+    const float d = kMultiplier[levels];
     for (int64_t i = 0; i < n; ++i) {
-      t[i] = static_cast<double>(grad[i]) * code(xc[i] - xq[i], off);
+      const float q = code(xc[i], off) - round_half_even(xq[i] * inv) * d;
+      t[i] = static_cast<double>(grad[i]) * q;
     }
     add_lanes(t, n, lane[levels + 1]);
+  } else if (levels == kMaxLevels - 1) {  // ... at 32 bits, in double
+    for (int64_t i = 0; i < n; ++i) {
+      const double c = round_half_even(xq[i] * inv);
+      t[i] = static_cast<double>(grad[i]) * (code(xc[i], g.level4) - c * 65537.0);
+    }
+    add_lanes(t, n, lane[kMaxLevels]);
   }
 }
 

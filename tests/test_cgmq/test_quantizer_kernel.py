@@ -4,9 +4,11 @@ x_q and the gradient to x must be bit-identical (x_q up to the sign of zero: tor
 vectorized ``maximum`` and its scalar tail disagree on ``max(-0.0, 0.0)``). The β and gate
 gradients are sums, in double over fixed chunks in the kernel and in float32 in the tensor path:
 they agree to float32 summation error, and do not change at all with the number of threads.
+On exact ties both are checked against ONNX's rounding written with ``np.rint``.
 """
 from typing import Optional, Tuple
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -161,8 +163,12 @@ def test_kernel_sums_in_double():
     inside = (x <= beta).double()
     want = ((g64 * xq64).sum() - (g64 * inside * x64).sum()) / 2.0
     torch.testing.assert_close(grad_beta.double(), want, rtol=1e-6, atol=0)
-    # Σ grad · ε_l from the codes: levels 1, 2 on, level 3 the first switched-off one
-    _, codes = torch.ops.mmsparse.nested_quantize_forward(x, beta, False, 3, True)
+    # Σ grad · ε_l from the codes: levels 1, 2 on, level 3 the first switched-off one, whose
+    # residual is the 16-bit code less 257 times the 8-bit one (ONNX's codes of x / s_b)
+    _, codes = torch.ops.mmsparse.nested_quantize_forward(x, beta, False, 2, True)
+    s32 = scales(beta)
+    c8, c16 = ((x.clamp(0, 2) / s32[level]).round() for level in (2, 3))
+    codes.append(c16.clamp(0, 2 ** 16 - 1) - 257 * c8.clamp(0, 255))
     s = scales(beta.double())
     per_level = torch.stack([(g64 * c.double()).sum() * s[level]
                              for level, c in enumerate(codes, start=1)])
@@ -225,3 +231,46 @@ def test_nested_quantize_dispatch():
     assert type(out.grad_fn).__name__ == '_NestedQuantizeKernelBackward'
     out = nested_quantize(w.double(), torch.tensor(1.0, dtype=torch.float64), True, gates)
     assert type(out.grad_fn).__name__ == '_NestedQuantizeBackward'
+
+
+@pytest.mark.parametrize('signed', [True, False])
+@pytest.mark.parametrize('bits', [2, 4, 8, 16])
+def test_kernel_exact_ties_round_half_to_even(signed, bits):
+    """Exact float32 ties ``(m + ½) · s_b`` in every channel (per-channel steps, powers of two):
+    the kernel's codes are ``clip(np.rint(x / s_b))`` (ONNX QuantizeLinear), bit-identical to the
+    tensor path, the kept residual codes stay within ``±2^(b/2−1)``, and ``±β`` gives the outermost
+    code. Below 16 bits the span is exact for the first switched-off width ``2b`` as well, where
+    ``x / s_2b`` is a tie too: its gate gradient ``Σ grad · ε_2b`` must use the same rule."""
+    off = 2 * bits if bits < 16 else bits  # the width whose grid step is a power of two
+    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    first = lo - 1 if signed else lo
+    units = np.concatenate([np.arange(first, hi + 1) + 0.5, [lo, hi, lo - 2.0, hi + 2.0]])
+    spans = np.array([(2.0 ** off - 1) * 2.0 ** -(6 + c) for c in range(3)])
+    step = spans / (2 ** bits - 1)  # exact: (2^2b − 1) / (2^b − 1) = 2^b + 1
+    x = torch.from_numpy((units[None, :] * step[:, None]).astype(np.float32))
+    beta = torch.from_numpy((spans / 2 if signed else spans).astype(np.float32)).view(-1, 1)
+    assert torch.equal(scales(2 * beta if signed else beta)[BIT_WIDTHS.index(bits)].flatten(),
+                       torch.from_numpy(step.astype(np.float32)))
+    gates = torch.tensor(gate_values_for_bits(bits, 0.3))
+    upstream = torch.rand(x.shape, generator=torch.Generator().manual_seed(bits)) + 0.5
+    kernel = _run(_NestedQuantizeKernel, x, beta, gates, signed, upstream)
+    _assert_same(kernel, _run(_NestedQuantize, x, beta, gates, signed, upstream), upstream, x,
+                 beta)
+    want = np.clip(np.rint(units), lo, hi)
+    codes = kernel[0].double().numpy() / step[:, None]
+    np.testing.assert_array_equal(codes, np.broadcast_to(want, codes.shape))
+    assert (codes[:, 0] == (lo if signed else 0)).all() and (codes[:, -1] == hi).all()
+    levels = BIT_WIDTHS.index(bits)
+    _, kept = torch.ops.mmsparse.nested_quantize_forward(x, beta, signed, levels, True)
+    for level, c in enumerate(kept, start=1):
+        half = 2 ** (BIT_WIDTHS[level] // 2 - 1)
+        assert c.abs().max() <= half
+    if bits < 16:
+        off_hi = 2 ** (off - 1) - 1 if signed else 2 ** off - 1
+        off_lo = -off_hi if signed else 0
+        off_step = step / (2 ** bits + 1)
+        off_codes = np.clip(np.rint(x.double().numpy() / off_step[:, None]), off_lo, off_hi)
+        eps = (off_codes - (2 ** bits + 1) * codes) * off_step[:, None]  # ε_2b = x_2b − x_b
+        assert (np.abs(eps) > 0).sum() > units.size  # the residuals of the ties are not zero
+        want_grad = (upstream.double().numpy() * eps).sum()
+        np.testing.assert_allclose(float(kernel[3][levels]), want_grad, rtol=1e-6)

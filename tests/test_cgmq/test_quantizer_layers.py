@@ -15,36 +15,19 @@ from mmsparse.cgmq import (CGMQConv2d, CGMQLinear, bits_from_gates, gate_values_
 from mmsparse.core import model_report
 
 
-def _ref_code(v: float, carry: int, multiplier: int) -> int:
-    """Nearest integer to ``v``; at a tie the one making the accumulated code
-    ``carry · multiplier + code`` even (ONNX's half to even on the b-bit code)."""
-    low = math.floor(v)
-    if v - low != 0.5:
-        return round(v)
-    return low if (carry * multiplier + low) % 2 == 0 else low + 1
-
-
 def reference(x: float, beta: float, signed: bool, bits: int) -> float:
-    """Independent float64 reference of SPEC §2's nested decomposition, gates on up to ``bits``."""
+    """Independent float64 reference of SPEC §2's quantizer, gates on up to ``bits``: the b-bit
+    code as ONNX QuantizeLinear rounds ``x_c / s_b`` (Python's ``round``: half to even), clipped
+    to the b-bit range (the nested decomposition's value, see ``autograd_reference``)."""
     alpha = -beta if signed else 0.0
-    s = [(beta - alpha) / 3.0]
+    s = (beta - alpha) / 3.0
     for b in (2, 4, 8, 16):
-        s.append(s[-1] / (2 ** b + 1))
-    xc = min(max(x, alpha), beta)
-    lo, hi = (-1, 1) if signed else (0, 3)
-    code = min(max(_ref_code(xc / s[0], 0, 0), lo), hi)  # the accumulated code, an exact int
-    x2 = s[0] * code
-    out, prev = x2, x2
-    for level, b in enumerate((4, 8, 16, 32)):
-        if b > bits:
+        if b >= bits:
             break
-        half = 2 ** (b // 2 - 1)
-        q = min(max(_ref_code((xc - prev) / s[level + 1], code, 2 * half + 1), -half), half)
-        code = code * (2 * half + 1) + q
-        eps = s[level + 1] * q
-        prev += eps
-        out += eps
-    return out
+        s = s / (2 ** b + 1)
+    xc = min(max(x, alpha), beta)
+    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    return s * min(max(round(xc / s), lo), hi)
 
 
 @pytest.mark.parametrize('signed', [True, False])
@@ -286,3 +269,30 @@ def test_greedy_reduction_is_minimal():
     assert greedy_reduction(layers, 10 ** 12) == []
     changes = greedy_reduction(layers, sum(macs.values()) * 4)
     assert all(lay.bits_w == 2 and lay.bits_a == 2 for _, lay in layers)
+
+
+@pytest.mark.parametrize('signed', [True, False])
+@pytest.mark.parametrize('bits', [2, 4, 8, 16, 32])
+def test_exact_ties_round_half_to_even_like_onnx(signed, bits):
+    """With step 2^-10 every tie ``(m + ½) · s_b`` and every quantizer operation on it is exact in
+    float64: the codes are ONNX QuantizeLinear's (half to even, ``np.rint``) of ``x / s_b``
+    clipped to the b-bit range; ``±β`` (a tie on a signed grid) gives the outermost code."""
+    step = 2.0 ** -10
+    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    span = (2 ** bits - 1) * step
+    beta = span / 2 if signed else span
+    first = lo - 1 if signed else lo
+    if bits <= 16:
+        m = np.arange(first, hi + 1)
+    else:  # a sample of the 2^32 ties, both ends included
+        m = np.concatenate([[first, first + 1, -1, 0, hi - 1, hi],
+                            np.random.default_rng(0).integers(first, hi + 1, 5000)])
+    ties = (m + 0.5) * step
+    x = np.concatenate([ties, [beta, -beta, beta + step, -beta - step, 0.0]])
+    out = nested_quantize(torch.from_numpy(x), torch.tensor(beta, dtype=torch.float64), signed,
+                          torch.tensor(gate_values_for_bits(bits, 0.5), dtype=torch.float64))
+    codes = out.numpy() / step
+    np.testing.assert_array_equal(codes, np.clip(np.rint(x / step), lo, hi))
+    assert codes.min() >= lo and codes.max() <= hi
+    if signed:
+        assert codes[len(ties)] == hi and codes[len(ties) + 1] == lo
