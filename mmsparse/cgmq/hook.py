@@ -69,6 +69,10 @@ class CGMQHook(Hook):
     * ``before_run``: traces the MACs of every CGMQ layer at ``input_shape`` (and ``num_rois`` RoIs
       for RoI heads, see :mod:`mmsparse.cgmq.bops`), resolves the budget and fails with a clear
       message if it is below the all-2-bit model — before any checkpoint is loaded or step taken.
+    * ``after_load_checkpoint`` (resume / ``load_from``, before the state is copied in): checks
+      that the checkpoint holds every CGMQ layer's gates, ranges and flags (MMEngine loads
+      non-strictly, so missing or differently shaped keys would silently leave the defaults); see
+      :meth:`after_load_checkpoint`.
     * ``before_train`` (after pretrained weights / resumed checkpoints are loaded): calibrates the
       ranges of layers whose ``calibrated`` buffer is unset from ``calib_batches`` global training
       batches (float forward; under DDP each rank sees its share of every global batch and the
@@ -232,6 +236,53 @@ class CGMQHook(Hook):
                 f'CGMQ: quantization state differs across ranks {when}: {len(differ)} tensors, '
                 f'e.g. {differ[:5]}; every rank must hold the same gates and ranges (same config and '
                 'checkpoint on every rank, data-dependent initialisation reduced across ranks)')
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Check that the CGMQ state of every layer is really loaded (MMEngine loads non-strictly).
+
+        A layer's state is what :attr:`CGMQMixin.compression_state` lists (ranges, gates,
+        ``act_signed``, ``calibrated``); a key counts as missing when the checkpoint lacks it or
+        holds it in another shape (MMEngine skips it with a warning). On resume every key must be
+        there: gates and ranges are trained state that nothing can recover. With ``load_from`` a
+        layer may carry none of them (plain weights: gates start at the configured widths and
+        ``before_train`` calibrates the ranges), but not only some: a ``calibrated`` flag without
+        its ranges, say, would skip calibration and train from the default ranges.
+
+        Raises:
+            RuntimeError: naming the missing keys and what to do.
+        """
+        state = checkpoint.get('state_dict', checkpoint)
+        state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+        missing, partial, plain = [], [], 0
+        for name, layer in self._layers(runner):
+            own = layer.state_dict()
+            keys = [k for k in layer.compression_state
+                    if f'{name}.{k}' not in state
+                    or tuple(getattr(state[f'{name}.{k}'], 'shape', ())) != tuple(own[k].shape)]
+            missing += [f'{name}.{k}' for k in keys]
+            if len(keys) == len(layer.compression_state):
+                plain += 1
+            elif keys:
+                partial.append(name)
+        resuming = getattr(runner, '_resume', False)
+        if missing and (resuming or partial):
+            if resuming:
+                advice = ('resume needs a checkpoint of this CGMQ model (same layers and options); '
+                          'to start CGMQ training from plain weights, use load_from instead of '
+                          'resume (gates start at the configured bit widths, ranges are '
+                          'calibrated)')
+            else:
+                advice = (f'{len(partial)} layers (e.g. {partial[:3]}) carry only part of it, a '
+                          'CGMQ checkpoint of a differently configured model; fold it '
+                          '(tools/fold.py) and load the folded checkpoint to start from its '
+                          'weights')
+            raise RuntimeError(
+                f'CGMQHook: the checkpoint lacks the CGMQ state of {len(missing)} keys (missing or '
+                f'of another shape), e.g. {missing[:5]}; {advice}')
+        if plain:
+            runner.logger.info(f'CGMQHook: checkpoint carries no CGMQ state for {plain} layers '
+                               '(plain weights?); their gates start at the configured bit widths '
+                               'and their ranges are calibrated in before_train')
 
     def before_train(self, runner) -> None:
         """Check for NaN/inf, calibrate (fresh start only), bind the optimizer wrapper, log."""

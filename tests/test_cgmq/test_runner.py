@@ -23,9 +23,9 @@ class ToyData(Dataset):
 
 
 class ToyNet(BaseModel):
-    def __init__(self):
+    def __init__(self, conv1_per_channel=True):
         super().__init__()
-        self.conv1 = CGMQConv2d(3, 16, 3, padding=1)
+        self.conv1 = CGMQConv2d(3, 16, 3, padding=1, per_channel=conv1_per_channel)
         self.conv2 = CGMQConv2d(16, 16, 3, padding=1)
         self.fc = CGMQLinear(16, 4)
 
@@ -36,10 +36,20 @@ class ToyNet(BaseModel):
         return out
 
 
+class PlainToyNet(ToyNet):
+    """ToyNet with plain layers (same names): a dense model's checkpoint."""
+
+    def __init__(self):
+        BaseModel.__init__(self)
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+
 def make_runner(work_dir, max_iters=30, budget=16 / 1024, resume=False, load_from=None,
-                optim_type='CGMQOptimWrapper', **hook_kw):
+                optim_type='CGMQOptimWrapper', model=None, **hook_kw):
     return Runner(
-        model=ToyNet(), work_dir=str(work_dir),
+        model=model or ToyNet(), work_dir=str(work_dir),
         train_dataloader=DataLoader(ToyData(), batch_size=8, shuffle=False),
         train_cfg=dict(by_epoch=False, max_iters=max_iters),
         optim_wrapper=dict(type=optim_type, optimizer=dict(type='Adam', lr=1e-2)),
@@ -118,3 +128,75 @@ def test_greedy_fix_when_plain_optimizer_wrapper(tmp_path):
     runner.train()
     hook = _hook(runner)
     assert total_bops(lay for _, lay in cgmq_layers(runner.model)) <= hook.budget
+
+
+def _plain_checkpoint(tmp_path):
+    """A dense run's checkpoint, and the same without optimizer state (pretrained weights)."""
+    dense = Runner(
+        model=PlainToyNet(), work_dir=str(tmp_path / 'dense'),
+        train_dataloader=DataLoader(ToyData(), batch_size=8, shuffle=False),
+        train_cfg=dict(by_epoch=False, max_iters=2),
+        optim_wrapper=dict(optimizer=dict(type='Adam', lr=1e-2)),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False),
+                           safe=dict(type='SafeCheckpointHook')),
+        randomness=dict(seed=0))
+    dense.train()
+    path = str(tmp_path / 'dense' / 'iter_2.pth')
+    ckpt = torch.load(path, weights_only=True)  # plain types (SafeCheckpointHook)
+    del ckpt['optimizer']
+    weights_only = str(tmp_path / 'dense_weights.pth')
+    torch.save(ckpt, weights_only)
+    return path, weights_only, ckpt['state_dict']
+
+
+def test_resume_from_plain_checkpoint_fails_clearly(tmp_path):
+    """A checkpoint without the CGMQ gates and ranges cannot be resumed (SPEC §0): one clear
+    error naming the missing keys, before anything is loaded or trained."""
+    path, weights_only, _ = _plain_checkpoint(tmp_path)
+    for i, ckpt in enumerate((weights_only, path)):
+        runner = make_runner(tmp_path / f'resume{i}', max_iters=4, resume=True, load_from=ckpt)
+        with pytest.raises(RuntimeError, match=r'lacks the CGMQ state of 18 keys .*'
+                           r"conv1\.weight_range.*use load_from instead of resume"):
+            runner.train()
+        assert runner.iter == 0
+        assert not bool(runner.model.conv1.calibrated)
+
+
+def test_load_from_plain_checkpoint_calibrates(tmp_path):
+    """``load_from`` a plain checkpoint: its weights are loaded, gates start at the configured
+    widths, and the ranges are calibrated from the loaded weights."""
+    _, weights_only, state = _plain_checkpoint(tmp_path)
+    runner = make_runner(tmp_path / 'load', max_iters=2, load_from=weights_only)
+    seen = []
+    orig = CGMQHook.calibrate
+
+    def spy(self, runner):
+        model = runner.model
+        assert torch.equal(model.conv2.weight, state['conv2.weight'])
+        # 8 bits: g4, g8 on at +gate_init (0.1), g16, g32 off
+        assert torch.equal(model.fc.weight_gate.detach(), torch.tensor([0.1, 0.1, -0.1, -0.1]))
+        seen.append(orig(self, runner))
+        per_channel_max = state['conv2.weight'].abs().flatten(1).amax(1)
+        assert torch.equal(model.conv2.weight_range.detach(), per_channel_max)
+        return seen[-1]
+
+    CGMQHook.calibrate = spy
+    try:
+        runner.train()
+    finally:
+        CGMQHook.calibrate = orig
+    assert seen == [3] and runner.iter == 2
+
+
+def test_checkpoint_of_differently_configured_cgmq_model_is_refused(tmp_path):
+    """conv1's range per tensor in the checkpoint, per channel in the model: MMEngine would skip
+    that key (shape mismatch) and keep ``calibrated``, training from the default range."""
+    other = make_runner(tmp_path / 'other', max_iters=10, model=ToyNet(conv1_per_channel=False))
+    other.train()
+    ckpt = str(tmp_path / 'other' / 'iter_10.pth')
+    for resume in (False, True):
+        runner = make_runner(tmp_path / f'mine{resume}', max_iters=12, resume=resume,
+                             load_from=ckpt)
+        with pytest.raises(RuntimeError, match=r"lacks the CGMQ state of 1 keys .*"
+                           r"\['conv1\.weight_range'\]"):
+            runner.train()
