@@ -7,7 +7,14 @@ from typing import Callable, Iterable, List, Tuple
 
 import torch
 from mmengine.dist import all_reduce, get_world_size
+from mmengine.model import is_model_wrapper
 from mmengine.registry import OPTIM_WRAPPERS
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP / MMEngine wrapper."""
+    return model.module if is_model_wrapper(model) else model
 
 
 def amp_variant(wrapper_type: str) -> str:

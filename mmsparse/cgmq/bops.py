@@ -20,16 +20,11 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from mmengine.model import is_model_wrapper
 from torch import nn
 
 from ..core.macs import MacCounter
+from ..utils import unwrap
 from .layers import CGMQMixin
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP / MMEngine wrapper."""
-    return model.module if is_model_wrapper(model) else model
 
 
 def cgmq_layers(model: nn.Module) -> List[Tuple[str, CGMQMixin]]:

@@ -4,19 +4,17 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.dist import all_reduce, get_dist_info
-from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from torch.utils.data import DataLoader, Subset
 
 from ..core.finite import ADVICE_DIVERGED, ADVICE_LOADED, check_finite, layer_tensors
-from ..utils import differing_across_ranks
-from .bops import (bit_histogram, check_budget_args, cgmq_layers, format_bops_report,
-                   full_precision_bops, resolve_budget, total_bops, trace_macs, unwrap)
+from ..engine.compression_hook import CompressionHook
+from .bops import (bit_histogram, check_budget_args, format_bops_report, full_precision_bops,
+                   resolve_budget, total_bops, trace_macs)
 from .layers import CGMQMixin
+from .optim_wrapper import CGMQGradEdit
 from .quantizer import GATED_BITS
 
-# per-layer state that must be identical on every rank under DDP
-_RANK_STATE = ('weight_gate', 'act_gate', 'weight_range', 'act_range', 'act_signed', 'calibrated')
 # trained tensors checked for NaN/inf; the gates (read by every BOPs count) also after every step
 _FINITE_STATE = ('weight', 'weight_range', 'act_range', 'weight_gate', 'act_gate')
 _GATES = ('weight_gate', 'act_gate')
@@ -63,7 +61,7 @@ def greedy_reduction(layers: Sequence[Tuple[str, CGMQMixin]], budget: int) -> Li
 
 
 @HOOKS.register_module()
-class CGMQHook(Hook):
+class CGMQHook(CompressionHook):
     """Drive CGMQ training: budget, calibration, logging and the final budget guarantee.
 
     * ``before_run``: traces the MACs of every CGMQ layer at ``input_shape`` (and ``num_rois`` RoIs
@@ -105,7 +103,11 @@ class CGMQHook(Hook):
         interval (int): Log every ``interval`` iterations. Defaults to 50.
     """
 
-    priority = 'NORMAL'
+    layer_type = CGMQMixin
+    rank_state = ('weight_gate', 'act_gate', 'weight_range', 'act_range', 'act_signed', 'calibrated')
+    wrapper_type = CGMQGradEdit
+    wrapper_advice = ('use CGMQOptimWrapper / CGMQAmpOptimWrapper for the constraint term; the budget '
+                      'is still enforced at the end by greedy bit reduction')
 
     def __init__(self, budget_relative: Optional[float] = None,
                  budget_gbops: Optional[float] = None,
@@ -114,29 +116,26 @@ class CGMQHook(Hook):
         check_budget_args(budget_relative, budget_gbops)
         if len(input_shape) != 3:
             raise ValueError(f'input_shape must be (C, H, W), got {input_shape!r}')
-        if num_rois < 1 or calib_batches < 0 or interval < 1:
-            raise ValueError(f'need num_rois >= 1, calib_batches >= 0, interval >= 1; got '
-                             f'{num_rois}, {calib_batches}, {interval}')
+        if num_rois < 1 or calib_batches < 0:
+            raise ValueError(f'need num_rois >= 1, calib_batches >= 0; got {num_rois}, '
+                             f'{calib_batches}')
+        super().__init__(interval=interval)
         self.budget_relative = budget_relative
         self.budget_gbops = budget_gbops
         self.input_shape = tuple(input_shape)
         self.num_rois = num_rois
         self.calib_batches = calib_batches
-        self.interval = interval
         self.budget: Optional[int] = None
         self.full: Optional[int] = None
         self.trajectory: List[Tuple[int, int]] = []
 
     # -- helpers --------------------------------------------------------------------------------
-    def _layers(self, runner):
-        return cgmq_layers(runner.model)
-
     def _bops(self, runner) -> int:
-        return total_bops(layer for _, layer in self._layers(runner))
+        return total_bops(layer for _, layer in self.layers(runner))
 
     def _check_finite(self, runner, attrs: Sequence[str], advice: str) -> None:
         """Raise ``FloatingPointError`` naming CGMQ layers whose ``attrs`` hold NaN/inf."""
-        check_finite(type(self).__name__, layer_tensors(self._layers(runner), attrs), runner.iter,
+        check_finite(type(self).__name__, layer_tensors(self.layers(runner), attrs), runner.iter,
                      advice)
 
     def _status(self, runner) -> str:
@@ -149,7 +148,7 @@ class CGMQHook(Hook):
     def before_run(self, runner) -> None:
         """Trace MACs and check that the budget is reachable."""
         trace_macs(runner.model, self.input_shape, self.num_rois)
-        layers = [layer for _, layer in self._layers(runner)]
+        layers = [layer for _, layer in self.layers(runner)]
         self.full = full_precision_bops(layers)
         self.budget = resolve_budget(layers, self.budget_relative, self.budget_gbops)
         runner.logger.info(f'CGMQHook: {len(layers)} CGMQ layers, MACs traced at input '
@@ -189,10 +188,10 @@ class CGMQHook(Hook):
             over its calls of each call's max |x|; across ranks the max of those means is taken,
             which can be slightly below the single-process value with the same global batch.
         """
-        layers = [(n, lay) for n, lay in self._layers(runner) if not bool(lay.calibrated)]
+        layers = [(n, lay) for n, lay in self.layers(runner) if not bool(lay.calibrated)]
         if not layers:
             return 0
-        model = unwrap(runner.model)
+        model = self.model(runner)
         modes = {m: m.training for m in model.modules()}
         # -inf / +inf where this rank's forward did not reach a layer: neutral for max / min
         max_abs = torch.full((len(layers), self.calib_batches), -math.inf, dtype=torch.float64)
@@ -226,17 +225,6 @@ class CGMQHook(Hook):
                              layer_min[reached].min().float().view(1))
         return len(layers)
 
-    def _check_ranks(self, runner, when: str) -> None:
-        """Under DDP, fail loudly if the ranks' gates, ranges or range flags differ."""
-        named = [(f'{name}.{key}', getattr(layer, key)) for name, layer in self._layers(runner)
-                 for key in _RANK_STATE]
-        differ = differing_across_ranks(named)
-        if differ:
-            raise RuntimeError(
-                f'CGMQ: quantization state differs across ranks {when}: {len(differ)} tensors, '
-                f'e.g. {differ[:5]}; every rank must hold the same gates and ranges (same config and '
-                'checkpoint on every rank, data-dependent initialisation reduced across ranks)')
-
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Check that the CGMQ state of every layer is really loaded (MMEngine loads non-strictly).
 
@@ -251,20 +239,13 @@ class CGMQHook(Hook):
         Raises:
             RuntimeError: naming the missing keys and what to do.
         """
-        state = checkpoint.get('state_dict', checkpoint)
-        state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
-        missing, partial, plain = [], [], 0
-        for name, layer in self._layers(runner):
-            own = layer.state_dict()
-            keys = [k for k in layer.compression_state
-                    if f'{name}.{k}' not in state
-                    or tuple(getattr(state[f'{name}.{k}'], 'shape', ())) != tuple(own[k].shape)]
-            missing += [f'{name}.{k}' for k in keys]
-            if len(keys) == len(layer.compression_state):
-                plain += 1
-            elif keys:
-                partial.append(name)
-        resuming = getattr(runner, '_resume', False)
+        layers = self.layers(runner)
+        missing = self.missing_state(runner, checkpoint, layers)
+        partial = [n for n, layer in layers
+                   if 0 < len(missing.get(n, ())) < len(layer.compression_state)]
+        plain = sum(len(missing.get(n, ())) == len(layer.compression_state) for n, layer in layers)
+        missing = [f'{n}.{k}' for n, keys in missing.items() for k in keys]
+        resuming = self.resuming(runner, checkpoint)
         if missing and (resuming or partial):
             if resuming:
                 advice = ('resume needs a checkpoint of this CGMQ model (same layers and options); '
@@ -296,26 +277,19 @@ class CGMQHook(Hook):
             runner.logger.info('CGMQHook: ranges already calibrated (resume or CGMQ checkpoint); '
                                'calibration skipped')
             if self.calib_batches == 0:
-                for _, layer in self._layers(runner):
+                for _, layer in self.layers(runner):
                     if not bool(layer.calibrated):
                         layer.set_ranges(None, None)
-        self._check_ranks(runner, 'after calibration / loading')
-        optim_wrapper = runner.optim_wrapper
-        if hasattr(optim_wrapper, 'set_budget'):
-            optim_wrapper.bind_model(unwrap(runner.model))
-            optim_wrapper.set_budget(self.budget)
-        else:
-            runner.logger.warning(
-                f'CGMQHook: optimizer wrapper {type(optim_wrapper).__name__} applies no constraint '
-                'term; use CGMQOptimWrapper / CGMQAmpOptimWrapper. The budget is still enforced at '
-                'the end by greedy bit reduction.')
+        self.check_ranks(runner, 'after calibration / loading')
+        wrapper = self.bind_optim_wrapper(runner)
+        if wrapper is not None:
+            wrapper.set_budget(self.budget)
         runner.logger.info(f'CGMQHook: start of training\n'
                            f'{format_bops_report(runner.model, self.budget)}')
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         """Log BOPs vs budget; enforce the budget after the last iteration."""
-        last = runner.iter + 1 >= runner.max_iters
-        logs = last or self.every_n_train_iters(runner, self.interval)
+        last, logs = self.is_last(runner), self.logs_now(runner)
         self._check_finite(runner, _FINITE_STATE if logs else _GATES, ADVICE_DIVERGED)
         bops = self._bops(runner)
         self.trajectory.append((runner.iter + 1, bops))
@@ -323,20 +297,20 @@ class CGMQHook(Hook):
             self.enforce_budget(runner)
             bops = self._bops(runner)
         if logs:
-            self._check_ranks(runner, f'at iteration {runner.iter + 1}')
+            self.check_ranks(runner, f'at iteration {runner.iter + 1}')
             hub = runner.message_hub
             hub.update_scalar('train/cgmq_bops_rel', bops / self.full)
             hub.update_scalar('train/cgmq_gbops', bops / 1e9)
             hub.update_scalar('train/cgmq_budget_rel', self.budget / self.full)
             hub.update_scalar('train/cgmq_over_budget', float(bops > self.budget))
-            layers = [lay for _, lay in self._layers(runner)]
+            layers = [lay for _, lay in self.layers(runner)]
             hub.update_scalar('train/cgmq_mean_bits_w', sum(lay.bits_w for lay in layers) / len(layers))
             hub.update_scalar('train/cgmq_mean_bits_a', sum(lay.bits_a for lay in layers) / len(layers))
             runner.logger.info(f'CGMQHook iter {runner.iter + 1}: {self._status(runner)}')
 
     def enforce_budget(self, runner) -> List[dict]:
         """Apply the greedy bit reduction if over budget; log exactly what changed."""
-        changes = greedy_reduction(self._layers(runner), self.budget)
+        changes = greedy_reduction(self.layers(runner), self.budget)
         if changes:
             lines = [f'  {c["layer"]}.{c["tensor"]}: {c["bits_from"]} -> {c["bits_to"]} bits, BOPs '
                      f'{c["bops_before"] / 1e9:.4f} G -> {c["bops_after"] / 1e9:.4f} G'
@@ -357,7 +331,7 @@ class CGMQHook(Hook):
         meta['cgmq'] = dict(
             bops=int(bops), budget=int(self.budget), full_bops=int(self.full),
             relative_bops=float(bops / self.full), within_budget=bool(within),
-            bits={name: [int(lay.bits_w), int(lay.bits_a)] for name, lay in self._layers(runner)})
+            bits={name: [int(lay.bits_w), int(lay.bits_a)] for name, lay in self.layers(runner)})
         if not within:
             # meta['iter'] counts the iterations done (runner.iter lags by one inside the loop)
             done = meta.get('iter', runner.iter)

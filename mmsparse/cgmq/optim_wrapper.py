@@ -18,7 +18,7 @@ def constraint_directions(layers: List[CGMQMixin]) -> List[float]:
     return [b / top if top else 0.0 for b in bops]
 
 
-class _CGMQGradEdit:
+class CGMQGradEdit:
     """Adds ``R·‖∇_g L‖·d`` to the gate gradients while BOPs exceed the budget.
 
     ``d`` is non-zero only on the highest switched-on gate of each quantized tensor (weight and
@@ -82,7 +82,7 @@ class _CGMQGradEdit:
 
 
 @OPTIM_WRAPPERS.register_module()
-class CGMQOptimWrapper(_CGMQGradEdit, GradEditOptimWrapper):
+class CGMQOptimWrapper(CGMQGradEdit, GradEditOptimWrapper):
     """fp32 wrapper applying the constraint-guided gate update before every optimizer step.
 
     Args:
@@ -99,5 +99,5 @@ class CGMQOptimWrapper(_CGMQGradEdit, GradEditOptimWrapper):
 
 
 @OPTIM_WRAPPERS.register_module()
-class CGMQAmpOptimWrapper(_CGMQGradEdit, GradEditAmpOptimWrapper):
+class CGMQAmpOptimWrapper(CGMQGradEdit, GradEditAmpOptimWrapper):
     """AMP variant of :class:`CGMQOptimWrapper`; the term is added to unscaled gradients."""

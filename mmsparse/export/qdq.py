@@ -38,6 +38,7 @@ from mmengine.utils import mkdir_or_exist
 from torch import nn
 
 from ..core.spec import QuantizedLayer
+from ..utils import unwrap
 from .fold import build_model, load_source_checkpoint
 from .onnx import ExportResult, default_deploy_config, deploy_config_path, mmdeploy_compat
 from .plain_config import plain_config
@@ -47,21 +48,16 @@ _COMPUTE_OPS = ('Conv', 'Gemm', 'MatMul')
 _QDQ_WEIGHT_SUFFIX = '.' + QuantizedLayer.QDQ_WEIGHT  # the parameter prepare_qdq adds
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from mmengine.model import is_model_wrapper
-    return model.module if is_model_wrapper(model) else model
-
-
 def quantized_layers(model: nn.Module) -> List[Tuple[str, QuantizedLayer]]:
     """Every layer of ``model`` (unwrapped from DDP) whose export carries Q/DQ pairs."""
-    return [(n, m) for n, m in _unwrap(model).named_modules() if isinstance(m, QuantizedLayer)]
+    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, QuantizedLayer)]
 
 
 @contextlib.contextmanager
 def qdq_export_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Switch every quantized layer of ``model`` to its QDQ forward (and eval mode) inside the
     block."""
-    model = _unwrap(model)
+    model = unwrap(model)
     layers = [layer for _, layer in quantized_layers(model)]
     modes = {m: m.training for m in model.modules()}
     model.eval()

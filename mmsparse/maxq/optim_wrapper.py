@@ -6,7 +6,7 @@ from ..engine.grad_edit import GradEditAmpOptimWrapper, GradEditOptimWrapper
 from .layers import NMSparseMixin
 
 
-class _NMGradEdit:
+class NMGradEdit:
     """Edits every bound N:M layer; ``decay`` is the SR-STE λ."""
 
     def __init__(self, *args, decay: float = 2e-4, **kwargs) -> None:
@@ -28,7 +28,7 @@ class _NMGradEdit:
 
 
 @OPTIM_WRAPPERS.register_module()
-class NMSparseOptimWrapper(_NMGradEdit, GradEditOptimWrapper):
+class NMSparseOptimWrapper(NMGradEdit, GradEditOptimWrapper):
     """fp32 wrapper adding ``decay·(1 − clamp(S,0,1))·W`` to N:M layers' gradients before the step.
 
     Args:
@@ -38,5 +38,5 @@ class NMSparseOptimWrapper(_NMGradEdit, GradEditOptimWrapper):
 
 
 @OPTIM_WRAPPERS.register_module()
-class NMSparseAmpOptimWrapper(_NMGradEdit, GradEditAmpOptimWrapper):
+class NMSparseAmpOptimWrapper(NMGradEdit, GradEditAmpOptimWrapper):
     """AMP variant of :class:`NMSparseOptimWrapper`; the decay is added to unscaled gradients."""

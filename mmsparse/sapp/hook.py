@@ -3,15 +3,13 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core.finite import ADVICE_DIVERGED, ADVICE_LOADED, check_finite, finite_loss, layer_tensors
 from ..core.report import format_report, model_report
-from ..utils import differing_across_ranks
+from ..engine.compression_hook import CompressionHook
 from .layers import BlockSparseMixin
 from .schedule import PHASE_CODES, Phase, PhaseSchedule, cyclic_phases, parse_phases
 
@@ -23,7 +21,7 @@ def _check_sparsity(value, what: str) -> float:
 
 
 @HOOKS.register_module()
-class SequentialAttentionHook(Hook):
+class SequentialAttentionHook(CompressionHook):
     """Phase machine of SequentialAttention++ (and of the ACDC / one-shot baselines).
 
     The phase of every iteration is a pure function of the progress (see :mod:`.schedule`); the
@@ -65,8 +63,8 @@ class SequentialAttentionHook(Hook):
         c (float): Ramp constant of SPARSIFICATION phases. Defaults to 4.0.
         increments (int, optional): Pruning increments per SPARSIFICATION phase; None prunes at
             every iteration. Defaults to None.
-        by_epoch (bool): Phase lengths in epochs (converted to iterations with the train loader's
-            length) rather than iterations. Defaults to False.
+        by_epoch (bool): Phase lengths in epochs, each ``len(train_dataloader)`` iterations; the
+            ramp still advances every iteration. Defaults to False.
         interval (int): Log every ``interval`` iterations. Defaults to 50.
 
     Note:
@@ -83,7 +81,8 @@ class SequentialAttentionHook(Hook):
         is checked in ``before_train``.
     """
 
-    priority = 'NORMAL'
+    layer_type = BlockSparseMixin
+    rank_state = ('support', 'block_logits')
 
     def __init__(self, sparsity: float = 0.9, sparsity_overrides: Optional[Dict[str, float]] = None,
                  phases: Optional[Sequence[dict]] = None, warmup: int = 0, sparsify: int = 0,
@@ -105,20 +104,13 @@ class SequentialAttentionHook(Hook):
             self.phases = cyclic_phases(warmup, sparsify, sparse, dense, cycles)
         # validates c and increments on the configured units
         PhaseSchedule(self.phases, c, increments)
-        if interval < 1:
-            raise ValueError(f'interval must be >= 1, got {interval}')
+        super().__init__(by_epoch, interval)
         self.c = c
         self.increments = increments
-        self.by_epoch = by_epoch
-        self.interval = interval
         self.schedule: Optional[PhaseSchedule] = None
         self.targets: Dict[str, float] = {}
 
     # -- helpers ----------------------------------------------------------------------------------
-    @staticmethod
-    def _model(runner) -> nn.Module:
-        return runner.model.module if is_model_wrapper(runner.model) else runner.model
-
     def block_layers(self, runner) -> List[Tuple[str, BlockSparseMixin]]:
         """The trainable block-sparse layers of the runner's model, with names.
 
@@ -126,16 +118,11 @@ class SequentialAttentionHook(Hook):
         ``frozen_stages``) are excluded: a frozen layer can neither train its attention nor regrow
         revived weights, so it is left unpruned (all blocks kept).
         """
-        return [(n, m) for n, m in self._all_layers(runner) if m.is_sparse and m.weight.requires_grad]
+        return [(n, m) for n, m in self.layers(runner) if m.is_sparse and m.weight.requires_grad]
 
     def frozen_layers(self, runner) -> List[str]:
         """Names of block-sparse layers left unpruned because their weight is frozen."""
-        return [n for n, m in self._all_layers(runner) if m.is_sparse and not m.weight.requires_grad]
-
-    def _all_layers(self, runner) -> List[Tuple[str, BlockSparseMixin]]:
-        """Every layer of these methods, dense-by-rule and frozen ones included."""
-        return [(n, m) for n, m in self._model(runner).named_modules()
-                if isinstance(m, BlockSparseMixin)]
+        return [n for n, m in self.layers(runner) if m.is_sparse and not m.weight.requires_grad]
 
     def target_for(self, name: str) -> float:
         """Target block sparsity of layer ``name``."""
@@ -145,10 +132,8 @@ class SequentialAttentionHook(Hook):
         return self.sparsity
 
     def _iteration_schedule(self, runner) -> PhaseSchedule:
-        if not self.by_epoch:
-            return PhaseSchedule(self.phases, self.c, self.increments)
-        per_epoch = len(runner.train_dataloader)
-        phases = [Phase(p.kind, p.begin * per_epoch, None if p.end is None else p.end * per_epoch)
+        phases = [Phase(p.kind, self.iterations(runner, p.begin),
+                        None if p.end is None else self.iterations(runner, p.end))
                   for p in self.phases]
         return PhaseSchedule(phases, self.c, self.increments)
 
@@ -171,7 +156,7 @@ class SequentialAttentionHook(Hook):
                     touched += 1
         return touched
 
-    def _method(self, runner) -> str:
+    def label(self, runner) -> str:
         """The method name for messages: SA++ when any layer selects by attention."""
         layers = [layer for _, layer in self.block_layers(runner)]
         return 'SA++' if any(layer.uses_attention for layer in layers) else 'ACDC/one-shot block'
@@ -179,12 +164,12 @@ class SequentialAttentionHook(Hook):
     def _check_finite(self, runner, advice: str) -> None:
         """Raise ``FloatingPointError`` naming layers with NaN/inf weights or logits."""
         check_finite(type(self).__name__,
-                     layer_tensors(self._all_layers(runner), ('weight', 'block_logits')),
+                     layer_tensors(self.layers(runner), ('weight', 'block_logits')),
                      runner.iter, advice)
 
     def _no_layer_message(self, runner) -> str:
         """Why :meth:`block_layers` is empty: no block-sparse layer, or all dense / frozen."""
-        present = self._all_layers(runner)
+        present = self.layers(runner)
         if not present:
             return ('SequentialAttentionHook found no block-sparse layer: set conv_cfg to '
                     'SAPPConv2d / MagnitudeBlockConv2d or use ConvertedModel')
@@ -218,17 +203,6 @@ class SequentialAttentionHook(Hook):
                 'detection: set find_unused_parameters = True in the config (inside '
                 'model_wrapper_cfg when the config has one), or pass --cfg-options '
                 'model_wrapper_cfg.find_unused_parameters=True')
-
-    def _check_ranks(self, runner, when: str) -> None:
-        """Under DDP, fail loudly if the ranks' supports or block logits differ."""
-        named = [(f'{name}.{key}', getattr(layer, key)) for name, layer in self.block_layers(runner)
-                 for key in ('support', 'block_logits') if getattr(layer, key) is not None]
-        differ = differing_across_ranks(named)
-        if differ:
-            raise RuntimeError(
-                f'{self._method(runner)}: block supports/logits differ across ranks {when}: '
-                f'{len(differ)} tensors, e.g. {differ[:5]}; every rank must hold the same support '
-                '(same config and checkpoint on every rank)')
 
     # -- the phase machine ------------------------------------------------------------------------
     def apply(self, runner, t: int) -> Phase:
@@ -276,9 +250,9 @@ class SequentialAttentionHook(Hook):
         self.schedule = self._iteration_schedule(runner)
         final = self.schedule.final_begin()
         if final >= runner.max_iters:
-            raise ValueError(f'the final sparse phase begins at iteration {final} but training '
-                             f'ends at {runner.max_iters}: the model would not end sparse; shorten '
-                             'the phases or train longer')
+            raise ValueError(f'SequentialAttentionHook: the final sparse phase begins at iteration '
+                             f'{final} but training ends at {runner.max_iters}: the model would not '
+                             'end sparse; shorten the phases or train longer')
         self._check_ddp(runner)
         frozen = self.frozen_layers(runner)
         if frozen:
@@ -286,25 +260,22 @@ class SequentialAttentionHook(Hook):
                                   f'stay unpruned (requires_grad=False): {frozen}')
         self._check_finite(runner, f'refusing to select blocks: {ADVICE_LOADED}')
         phase = self.apply(runner, runner.iter)
-        self._check_ranks(runner, f'at the start (iteration {runner.iter})')
-        unit = 'epochs' if self.by_epoch else 'iterations'
+        self.check_ranks(runner, f'at the start (iteration {runner.iter})', layers)
         runner.logger.info(
-            'SequentialAttentionHook: phases (' + unit + '): ' +
+            f'SequentialAttentionHook: phases ({self.unit}): ' +
             ', '.join(f'{p.kind}[{p.begin},{"end" if p.end is None else p.end})'
                       for p in self.phases) +
             f'; c={self.c}; {len(layers)} block-sparse layers; now {phase.kind} at iteration '
-            f'{runner.iter}\n{format_report(model_report(self._model(runner)))}')
+            f'{runner.iter}\n{format_report(model_report(self.model(runner)))}')
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         """Set the state of the next iteration (the final sparse one after the last) and log."""
-        nxt = runner.iter + 1
-        last = nxt >= runner.max_iters
-        logs = last or self.every_n_train_iters(runner, self.interval)
+        nxt, last, logs = runner.iter + 1, self.is_last(runner), self.logs_now(runner)
         if logs or not finite_loss(outputs):
             self._check_finite(runner, ADVICE_DIVERGED)
         self.apply(runner, nxt)
         if logs:
-            self._check_ranks(runner, f'at iteration {nxt}')
+            self.check_ranks(runner, f'at iteration {nxt}', self.block_layers(runner))
             self.log(runner, nxt)
         if last:
             layers = self.block_layers(runner)
@@ -313,23 +284,21 @@ class SequentialAttentionHook(Hook):
             runner.logger.info(
                 f'SequentialAttentionHook: final block sparsity {pruned / total:.4f} '
                 f'({pruned}/{total} blocks of {len(layers)} layers)\n'
-                f'{format_report(model_report(self._model(runner)))}')
+                f'{format_report(model_report(self.model(runner)))}')
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Check that supports (and logits) were really loaded (MMEngine loads non-strictly)."""
-        state = checkpoint.get('state_dict', checkpoint)
-        layers = self.block_layers(runner)
-        missing = [n for n, _ in layers if f'{n}.support' not in state]
-        no_logits = [n for n, layer in layers
-                     if layer.uses_attention and f'{n}.block_logits' not in state]
-        if getattr(runner, '_resume', False) and (missing or no_logits):
-            raise RuntimeError(
-                f'resumed checkpoint has no block support for {len(missing)} layers '
-                f'({missing[:3]}) and no block logits for {len(no_logits)} layers '
-                f'({no_logits[:3]}): the support is path-dependent and the attention is trained '
-                'state, neither can be recovered')
+        missing = self.missing_state(runner, checkpoint, self.block_layers(runner))
         if not missing:
             return
-        runner.logger.info(f'SequentialAttentionHook: checkpoint carries no block support for '
-                           f'{len(missing)} layers (dense pretrained weights?); all blocks start '
+        if self.resuming(runner, checkpoint):
+            no_support = [n for n, keys in missing.items() if 'support' in keys]
+            no_logits = [n for n, keys in missing.items() if 'block_logits' in keys]
+            raise RuntimeError(
+                f'resumed checkpoint has no block support for {len(no_support)} layers '
+                f'({no_support[:3]}) and no block logits for {len(no_logits)} layers '
+                f'({no_logits[:3]}): the support is path-dependent and the attention is trained '
+                'state, neither can be recovered')
+        runner.logger.info(f'SequentialAttentionHook: checkpoint carries no block support or logits '
+                           f'for {len(missing)} layers (dense pretrained weights?); all blocks start '
                            'kept, logits at 0')

@@ -139,12 +139,13 @@ def test_rank_disagreement_is_caught(pretrained, tmp_path):
             errors = json.load(f)
         cgmq, sapp, acdc, sapp_ddp = errors
         # runner.iter is the 0-based index of the step in which the hooks raised
-        assert cgmq.startswith('RuntimeError at iteration 2: CGMQ: quantization state differs '
-                               'across ranks at iteration 3') and 'conv2.act_range' in cgmq, cgmq
-        assert sapp.startswith('RuntimeError at iteration 2: SA++: block supports/logits differ '
+        assert cgmq.startswith('RuntimeError at iteration 2: CGMQHook: weight_gate/act_gate/'
+                               'weight_range/act_range/act_signed/calibrated differ across ranks '
+                               'at iteration 3') and 'conv2.act_range' in cgmq, cgmq
+        assert sapp.startswith('RuntimeError at iteration 2: SA++: support/block_logits differ '
                                'across ranks at iteration 3') and 'conv3.block_logits' in sapp, sapp
-        assert acdc.startswith('RuntimeError at iteration 5: ACDC/one-shot block: block '
-                               'supports/logits differ across ranks at iteration 6'), acdc
+        assert acdc.startswith('RuntimeError at iteration 5: ACDC/one-shot block: support/'
+                               'block_logits differ across ranks at iteration 6'), acdc
         assert 'conv3.support' in acdc
         assert sapp_ddp.startswith('ValueError at iteration 0: SequentialAttentionHook: SA++ '
                                    'block logits are frozen'), sapp_ddp
