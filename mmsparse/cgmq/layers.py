@@ -1,7 +1,7 @@
 """CGMQ quantized conv and linear layers: learned ranges, nested residual quantizer, gated bit widths.
 
-Each layer subclasses the plain torch layer, so ``weight`` / ``bias`` keys stay stock mmdet keys. Extra
-state, all created at build time (SPEC §0: before the optimizer is built):
+The layers are the :mod:`mmsparse.core.layers` scaffolds with the CGMQ mixin, so ``weight`` / ``bias``
+keys stay stock mmdet keys. Extra state, all created at build time (SPEC §0: before the optimizer is built):
 
 * parameters ``weight_range`` (per output channel by default, else per tensor) and ``act_range``
   (per tensor): the upper clipping bounds β;
@@ -17,10 +17,10 @@ calibration decide from the observed minimum; ``True`` / ``False`` fix it in the
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
+from ..core.layers import CompressedConv2d, CompressedLinear
 from ..core.quant import QuantGrid
 from ..core.spec import FoldSpec, QuantizedLayer
 from .quantizer import (BIT_WIDTHS, bits_from_gates, code_range, gate_values_for_bits,
@@ -36,13 +36,14 @@ class CGMQMixin(QuantizedLayer):
     """
 
     method = 'cgmq'
-    #: state added to the plain torch layer (shared code compares checkpoints by these names)
     compression_state = ('weight_range', 'act_range', 'weight_gate', 'act_gate', 'act_signed',
                          'calibrated')
     weight: nn.Parameter
 
-    def _init_cgmq(self, bits_w: int, bits_a: int, per_channel: bool, act_signed: Optional[bool],
-                   quant_act: bool, gate_init: float) -> None:
+    def init_compression(self, bits_w: int = 8, bits_a: int = 8, per_channel: bool = True,
+                         act_signed: Optional[bool] = None, quant_act: bool = True,
+                         gate_init: float = 0.1) -> None:
+        """See :class:`CGMQConv2d` for the options."""
         out_channels = self.weight.shape[0]
         self.per_channel = per_channel
         self.quant_act = quant_act
@@ -99,7 +100,17 @@ class CGMQMixin(QuantizedLayer):
         x_q = nested_quantize(x.float(), self._act_beta(), bool(self.act_signed), self.act_gate)
         return x_q.to(x.dtype)
 
-    def _effective_weight(self) -> Tensor:
+    def layer_input(self, x: Tensor) -> Tensor:
+        """The quantized input; the input itself (recorded) while calibration observes."""
+        if self._observer is not None:
+            self._observe(x)
+            return x
+        return self.quant_input(x)
+
+    def layer_weight(self) -> Tensor:
+        """The quantized weight (its Q/DQ form during export; the float weight while observing)."""
+        if self._observer is not None:
+            return self.weight
         if self.qdq_export:
             return self._qdq_weight()
         return self.quant_weight()
@@ -217,20 +228,13 @@ class CGMQMixin(QuantizedLayer):
         # Clip follows the DequantizeLinear: ORT's QDQ fusions change results with Clip → Q here.
         return torch.clamp(x, lo * scale, hi * scale)
 
-    def extra_repr(self) -> str:  # noqa: D102
+    def compression_repr(self) -> str:  # noqa: D102
         act = f'a{self.bits_a}{"s" if bool(self.act_signed) else "u"}' if self.quant_act else 'a-'
-        return f'{super().extra_repr()}, cgmq w{self.bits_w}{act}'
-
-
-def _common_kwargs(bits_w: int = 8, bits_a: int = 8, per_channel: bool = True,
-                   act_signed: Optional[bool] = None, quant_act: bool = True,
-                   gate_init: float = 0.1) -> dict:
-    return dict(bits_w=bits_w, bits_a=bits_a, per_channel=per_channel, act_signed=act_signed,
-                quant_act=quant_act, gate_init=gate_init)
+        return f'w{self.bits_w}{act}'
 
 
 @MODELS.register_module()
-class CGMQConv2d(CGMQMixin, nn.Conv2d):
+class CGMQConv2d(CGMQMixin, CompressedConv2d):
     """Conv2d with CGMQ weight and input-activation quantization.
 
     Args:
@@ -247,34 +251,8 @@ class CGMQConv2d(CGMQMixin, nn.Conv2d):
         **kwargs: ``nn.Conv2d`` keyword arguments.
     """
 
-    def __init__(self, *args, bits_w: int = 8, bits_a: int = 8, per_channel: bool = True,
-                 act_signed: Optional[bool] = None, quant_act: bool = True,
-                 gate_init: float = 0.1, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_cgmq(**_common_kwargs(bits_w, bits_a, per_channel, act_signed, quant_act,
-                                         gate_init))
-
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        if self._observer is not None:
-            self._observe(x)
-            return self._conv_forward(x, self.weight, self.bias)
-        return self._conv_forward(self.quant_input(x), self._effective_weight(), self.bias)
-
 
 @MODELS.register_module()
-class CGMQLinear(CGMQMixin, nn.Linear):
+class CGMQLinear(CGMQMixin, CompressedLinear):
     """Linear layer with CGMQ weight and input-activation quantization (arguments as
     :class:`CGMQConv2d`)."""
-
-    def __init__(self, *args, bits_w: int = 8, bits_a: int = 8, per_channel: bool = True,
-                 act_signed: Optional[bool] = None, quant_act: bool = True,
-                 gate_init: float = 0.1, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_cgmq(**_common_kwargs(bits_w, bits_a, per_channel, act_signed, quant_act,
-                                         gate_init))
-
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        if self._observer is not None:
-            self._observe(x)
-            return F.linear(x, self.weight, self.bias)
-        return F.linear(self.quant_input(x), self._effective_weight(), self.bias)

@@ -5,6 +5,7 @@ from .blocks import (BlockPattern, BlockViolation, block_grid, block_incompatibi
                      expand_block_mask, from_view_2d, is_block, nonzero_blocks, view_2d)
 from .finite import (ADVICE_DIVERGED, ADVICE_LOADED, NonFinite, check_finite, find_nonfinite,
                      finite_loss, layer_tensors, nonfinite_message)
+from .layers import CompressedConv2d, CompressedLinear, PatternLayer
 from .masks import hard_nm_mask, hard_nm_mask_blocks, largest_indices, smallest_indices
 from .patterns import NMPattern, Violation, from_blocks, nm_incompatibility, to_blocks
 from .quant import GridViolation, QuantGrid
@@ -24,5 +25,6 @@ __all__ = [
     'blocks_to_bsr', 'bsr_to_weight', 'GridViolation', 'QuantGrid', 'CompressedLayer', 'Dense',
     'FoldSpec', 'Pattern', 'QuantizedLayer', 'parse_pattern', 'specs_from_meta',
     'specs_from_patterns', 'ADVICE_DIVERGED', 'ADVICE_LOADED', 'NonFinite', 'check_finite',
-    'find_nonfinite', 'finite_loss', 'layer_tensors', 'nonfinite_message'
+    'find_nonfinite', 'finite_loss', 'layer_tensors', 'nonfinite_message', 'CompressedConv2d',
+    'CompressedLinear', 'PatternLayer'
 ]

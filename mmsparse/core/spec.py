@@ -118,13 +118,35 @@ def specs_from_patterns(patterns: Mapping[str, str]) -> Dict[str, FoldSpec]:
 
 
 class CompressedLayer:
-    """Interface of every compressed conv / linear layer (a mixin before ``nn.Conv2d``/``nn.Linear``).
+    """Interface of every compressed conv / linear layer (a mixin before the scaffolds of
+    :mod:`mmsparse.core.layers`).
 
-    ``compression_state`` lists the parameters and persistent buffers that hold the method's state
-    (mask, gates, ranges, logits ...): folding drops them, checkpoint checks require them.
+    ``method`` names the method in reports and fold meta; ``compression_state`` lists the parameters
+    and persistent buffers that hold its state (mask, gates, ranges, logits ...): folding drops
+    them, checkpoint checks require them.
     """
 
+    method: ClassVar[str] = ''
     compression_state: ClassVar[Tuple[str, ...]] = ()
+
+    def init_compression(self, **options) -> None:
+        """Create the method's state; its keyword arguments are the layer's options."""
+        raise NotImplementedError
+
+    def layer_weight(self) -> Tensor:
+        """The weight the training forward computes with."""
+        raise NotImplementedError
+
+    def layer_input(self, x: Tensor) -> Tensor:
+        """The input the training forward computes with (identity unless inputs are quantized)."""
+        return x
+
+    def compression_repr(self) -> str:
+        """The method's part of ``extra_repr``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f'{super().extra_repr()}, {self.method} {self.compression_repr()}'
 
     def folded_weight(self) -> Tensor:
         """The deployable weight (exact zeros where pruned, quantized values on their grid)."""

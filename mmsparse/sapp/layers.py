@@ -1,7 +1,7 @@
 """Block-sparse conv and linear layers: SequentialAttention++ and magnitude baselines (ACDC, one-shot).
 
-Each layer subclasses the plain torch layer, so ``weight``/``bias`` keep their names and dense
-checkpoints stay interchangeable with stock mmdet. The weight's 2-D view (SPEC §3,
+The layers are the :mod:`mmsparse.core.layers` scaffolds with the block family mixin. The weight's
+2-D view (SPEC §3,
 ``W.permute(0, 2, 3, 1).reshape(O, kh·kw·I)``) is tiled into B×B blocks; the extra state is
 
 * ``support``: persistent ``(O/B, K/B)`` buffer, 1 for kept and 0 for pruned blocks;
@@ -14,48 +14,41 @@ other blocks' scales unchanged; magnitude layers use ``scale = 1``). The support
 are frozen are set by :class:`~mmsparse.sapp.SequentialAttentionHook` from the runner's progress.
 """
 import math
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from ..core.blocks import (BlockPattern, block_grid, block_incompatibility, block_multiply,
                            block_norms, expand_block_mask)
+from ..core.layers import CompressedConv2d, CompressedLinear, PatternLayer
 from ..core.masks import smallest_indices
-from ..core.spec import CompressedLayer, Dense, FoldSpec
-
-INCOMPATIBLE_CHOICES = ('dense', 'error')
+from ..core.spec import Dense, FoldSpec
 
 
-class BlockSparseMixin(CompressedLayer):
-    """Shared block machinery: tiling, dense-by-rule check, support buffer, scale, selection, folding.
+class BlockSparseMixin(PatternLayer):
+    """The block family: tiling, dense-by-rule check, support buffer, scale, selection, folding.
 
-    Subclasses set ``method`` (``'sapp'`` or ``'magnitude'``); ``uses_attention`` decides whether the
-    layer owns block logits and selects blocks by attention or by block magnitude.
+    ``uses_attention`` decides whether the layer owns block logits and selects blocks by attention
+    (SA++) or by block magnitude (ACDC, one-shot).
     """
 
-    method: str = ''
     uses_attention: bool = False
-    #: state added to the plain torch layer (shared code compares checkpoints by these names)
     compression_state = ('support',)
     weight: nn.Parameter
     support: Tensor
 
-    def _init_blocks(self, block_size: int, min_blocks: int, incompatible: str) -> None:
-        if incompatible not in INCOMPATIBLE_CHOICES:
-            raise ValueError(f'incompatible must be one of {INCOMPATIBLE_CHOICES}, got {incompatible!r}')
+    def init_compression(self, block_size: int = 16, min_blocks: int = 100,
+                         incompatible: str = 'dense') -> None:
+        """See :class:`SAPPConv2d` for the options."""
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f'block_size must be a positive integer, got {block_size!r}')
         if not isinstance(min_blocks, int) or min_blocks < 1:
             raise ValueError(f'min_blocks must be a positive integer, got {min_blocks!r}')
         self.block_size = block_size
         self.min_blocks = min_blocks
-        self.dense_reason: Optional[str] = block_incompatibility(self, block_size, min_blocks)
-        if self.dense_reason is not None and incompatible == 'error':
-            raise ValueError(f'{type(self).__name__} {tuple(self.weight.shape)} cannot take '
-                             f'{block_size}x{block_size} blocks: {self.dense_reason}')
+        self.set_dense_reason(block_incompatibility(self, block_size, min_blocks), incompatible,
+                              f'{block_size}x{block_size} blocks')
         # Set by the hook from the progress (not persisted: a pure function of the phase).
         self.logits_frozen = False
         if not self.is_sparse:
@@ -72,11 +65,6 @@ class BlockSparseMixin(CompressedLayer):
             self.register_parameter('block_logits', None)
 
     # -- state ----------------------------------------------------------------------------------
-    @property
-    def is_sparse(self) -> bool:
-        """Whether the layer is tiled into blocks (``False`` for dense-by-rule layers)."""
-        return self.dense_reason is None
-
     @property
     def n_blocks(self) -> int:
         """Number of blocks of the layer (0 for dense layers)."""
@@ -114,7 +102,7 @@ class BlockSparseMixin(CompressedLayer):
         logits = self.block_logits.detach() if self.logits_frozen else self.block_logits
         return self.n_blocks * torch.softmax(logits.flatten(), 0).reshape(logits.shape)
 
-    def sparse_weight(self) -> Tensor:
+    def layer_weight(self) -> Tensor:
         """The effective weight ``W ⊙ scale ⊙ support`` (ordinary autograd to W and the logits)."""
         if not self.is_sparse:
             return self.weight
@@ -186,36 +174,27 @@ class BlockSparseMixin(CompressedLayer):
         share = math.floor(self.block_sparsity * 1e6) / 1e6
         return FoldSpec(self.method, BlockPattern(self.block_size, share))
 
-    def extra_repr(self) -> str:  # noqa: D102
-        info = (f'block {self.block_size}, {self.n_blocks} blocks' if self.is_sparse
+    def compression_repr(self) -> str:  # noqa: D102
+        return (f'block {self.block_size}, {self.n_blocks} blocks' if self.is_sparse
                 else f'dense: {self.dense_reason}')
-        return f'{super().extra_repr()}, {self.method} {info}'
 
 
-class _BlockConv2d(BlockSparseMixin, nn.Conv2d):
+class SAPPMixin(BlockSparseMixin):
+    """SequentialAttention++: blocks selected by a trainable softmax attention over them."""
 
-    def __init__(self, *args, block_size: int = 16, min_blocks: int = 100,
-                 incompatible: str = 'dense', **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_blocks(block_size, min_blocks, incompatible)
-
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return self._conv_forward(x, self.sparse_weight(), self.bias)
+    method = 'sapp'
+    uses_attention = True
+    compression_state = ('support', 'block_logits')
 
 
-class _BlockLinear(BlockSparseMixin, nn.Linear):
+class MagnitudeBlockMixin(BlockSparseMixin):
+    """Blocks selected by magnitude (ACDC and one-shot baselines; no logits)."""
 
-    def __init__(self, *args, block_size: int = 16, min_blocks: int = 100,
-                 incompatible: str = 'dense', **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_blocks(block_size, min_blocks, incompatible)
-
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return F.linear(x, self.sparse_weight(), self.bias)
+    method = 'magnitude'
 
 
 @MODELS.register_module()
-class SAPPConv2d(_BlockConv2d):
+class SAPPConv2d(SAPPMixin, CompressedConv2d):
     """Conv2d with SequentialAttention++ block attention: ``W ⊙ n·softmax(L) ⊙ support``.
 
     Args:
@@ -229,32 +208,20 @@ class SAPPConv2d(_BlockConv2d):
         **kwargs: ``nn.Conv2d`` keyword arguments.
     """
 
-    method = 'sapp'
-    uses_attention = True
-    compression_state = ('support', 'block_logits')
-
 
 @MODELS.register_module()
-class SAPPLinear(_BlockLinear):
+class SAPPLinear(SAPPMixin, CompressedLinear):
     """Linear layer with SequentialAttention++ block attention. Arguments as :class:`SAPPConv2d`."""
 
-    method = 'sapp'
-    uses_attention = True
-    compression_state = ('support', 'block_logits')
-
 
 @MODELS.register_module()
-class MagnitudeBlockConv2d(_BlockConv2d):
+class MagnitudeBlockConv2d(MagnitudeBlockMixin, CompressedConv2d):
     """Block-sparse Conv2d selected by block magnitude (ACDC and one-shot baselines; no logits).
 
     Arguments as :class:`SAPPConv2d`.
     """
 
-    method = 'magnitude'
-
 
 @MODELS.register_module()
-class MagnitudeBlockLinear(_BlockLinear):
+class MagnitudeBlockLinear(MagnitudeBlockMixin, CompressedLinear):
     """Block-sparse Linear selected by block magnitude. Arguments as :class:`SAPPConv2d`."""
-
-    method = 'magnitude'

@@ -42,7 +42,7 @@ def test_scale_and_support_match_reference():
         conv.support[1, 3] = 0
         conv.support[0, 17] = 0
     ref = _reference_weight(conv.weight.detach(), conv.block_logits.detach(), conv.support, 4)
-    torch.testing.assert_close(conv.sparse_weight(), ref)
+    torch.testing.assert_close(conv.layer_weight(), ref)
     assert conv.block_scale().mean().item() == pytest.approx(1.0)
     torch.testing.assert_close(conv(x), F.conv2d(x, ref, conv.bias, padding=1))
 
