@@ -57,11 +57,12 @@ std::string nm_kernel_isa(c10::optional<bool> portable) {
   return use_avx2_fma() ? "avx2" : "portable";
 }
 
-// acc[q] (+)= sum_k vals[k] * panel[offs[k] + q] for q < 8 * JV; `first` starts from `bias`.
+// acc[q] (+)= sum_k vals[k] * panel[offs[k] + q] for q < 8 * JV; `first` starts from `bias`,
+// `relu` clamps the result at 0 (NaN stays NaN, as torch.relu).
 template <int JV>
 __attribute__((target("avx2,fma"))) void tile_avx2(const float* panel, const int64_t* offs,
                                                    const float* vals, int64_t count, float* acc,
-                                                   bool first, float bias) {
+                                                   bool first, float bias, bool relu) {
   __m256 a[JV];
   for (int j = 0; j < JV; ++j) a[j] = first ? _mm256_set1_ps(bias) : _mm256_loadu_ps(acc + kVec * j);
   for (int64_t k = 0; k < count; ++k) {
@@ -69,10 +70,12 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* panel, const int
     const float* p = panel + offs[k];
     for (int j = 0; j < JV; ++j) a[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + kVec * j), a[j]);
   }
+  if (relu)
+    for (int j = 0; j < JV; ++j) a[j] = _mm256_max_ps(_mm256_setzero_ps(), a[j]);
   for (int j = 0; j < JV; ++j) _mm256_storeu_ps(acc + kVec * j, a[j]);
 }
 
-using TileFn = void (*)(const float*, const int64_t*, const float*, int64_t, float*, bool, float);
+using TileFn = void (*)(const float*, const int64_t*, const float*, int64_t, float*, bool, float, bool);
 
 template <int... J>
 constexpr std::array<TileFn, sizeof...(J)> tile_table(std::integer_sequence<int, J...>) {
@@ -81,13 +84,15 @@ constexpr std::array<TileFn, sizeof...(J)> tile_table(std::integer_sequence<int,
 constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kMaxVecs>());
 
 void tile_scalar(const float* panel, const int64_t* offs, const float* vals, int64_t count,
-                 float* acc, int64_t len, bool first, float bias) {
+                 float* acc, int64_t len, bool first, float bias, bool relu) {
   if (first) std::fill(acc, acc + len, bias);
   for (int64_t k = 0; k < count; ++k) {
     const float w = vals[k];
     const float* p = panel + offs[k];
     for (int64_t i = 0; i < len; ++i) acc[i] += w * p[i];
   }
+  if (relu)
+    for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] < 0.0f ? 0.0f : acc[i];
 }
 
 // Where a layer's input lives and where its outputs go (see the file comment).
@@ -118,7 +123,7 @@ int64_t slack(int64_t reach) { return kMaxTile + reach + kVec; }
 // row), for w < out_w.
 void sparse_rows(const Geometry& g, const int32_t* chan, const uint8_t* tap, const int64_t* tap_slot,
                  const int64_t* tap_off, const float* vals, const int64_t* row_ptr, const float* bias,
-                 int64_t rows, float* out) {
+                 int64_t rows, bool relu, float* out) {
   // tiles of equal length (a multiple of 8, at most 96) covering the positions
   const int64_t tiles = (g.positions + kMaxTile - 1) / kMaxTile;
   const int64_t vecs = ((g.positions + tiles - 1) / tiles + kVec - 1) / kVec, tile = vecs * kVec;
@@ -188,15 +193,22 @@ void sparse_rows(const Geometry& g, const int32_t* chan, const uint8_t* tap, con
           float* dst = in_place ? out + (n * rows + o) * g.positions + q0
                                 : acc.data() + (single ? 0 : (o - o0) * tile);
           if (vec) {
-            fn(base, offs.data() + a, vals + a, b - a, dst, j == 0, bo);
+            fn(base, offs.data() + a, vals + a, b - a, dst, j == 0, bo, relu && single);
           } else {
-            tile_scalar(base, offs.data() + a, vals + a, b - a, dst, tile, j == 0, bo);
+            tile_scalar(base, offs.data() + a, vals + a, b - a, dst, tile, j == 0, bo,
+                        relu && single);
           }
           if (single && !in_place) store(o, dst);
         }
       }
-      if (!single)
-        for (int64_t o = o0; o < o1; ++o) store(o, acc.data() + (o - o0) * tile);
+      if (!single) {  // several channel chunks: the ReLU comes after the last one
+        for (int64_t o = o0; o < o1; ++o) {
+          float* from = acc.data() + (o - o0) * tile;
+          if (relu)
+            for (int64_t i = 0; i < tile; ++i) from[i] = from[i] < 0.0f ? 0.0f : from[i];
+          store(o, from);
+        }
+      }
     }
   });
 }
@@ -231,11 +243,11 @@ void check_rows(const at::Tensor& values, const at::Tensor& channels, const at::
 
 // Convolution with a CSR weight: non-zero k of row o (row_ptr[o] <= k < row_ptr[o + 1]) is
 // values[k] at input channel channels[k] (not decreasing within a row) and kernel position
-// taps[k] = r * kw + s. Input (N, C, H, W) float32.
+// taps[k] = r * kw + s. Input (N, C, H, W) float32; `relu` applies a ReLU to the output.
 at::Tensor nm_conv2d(const at::Tensor& input, const at::Tensor& values, const at::Tensor& channels,
                      const at::Tensor& taps, const at::Tensor& row_ptr,
                      const c10::optional<at::Tensor>& bias, int64_t kh, int64_t kw, int64_t stride,
-                     int64_t padding, int64_t dilation) {
+                     int64_t padding, int64_t dilation, bool relu) {
   TORCH_CHECK(input.device().is_cpu() && input.dtype() == at::kFloat && input.dim() == 4,
               "nm_conv2d: input must be a 4-D float32 CPU tensor");
   TORCH_CHECK(kh >= 1 && kw >= 1 && kh * kw <= 256 && stride >= 1 && padding >= 0 && dilation >= 1,
@@ -320,7 +332,7 @@ at::Tensor nm_conv2d(const at::Tensor& input, const at::Tensor& values, const at
                    direct ? plane : plane_stride(plane), !direct, reach, Hout * Ws, Ws, Wout};
   sparse_rows(g, channels.data_ptr<int32_t>(), tp, tap_slot.data(), tap_off.data(),
               values.data_ptr<float>(), row_ptr.data_ptr<int64_t>(),
-              bias.has_value() ? bias->data_ptr<float>() : nullptr, O, out.data_ptr<float>());
+              bias.has_value() ? bias->data_ptr<float>() : nullptr, O, relu, out.data_ptr<float>());
   return out;
 }
 
@@ -345,7 +357,7 @@ at::Tensor nm_linear(const at::Tensor& input, const at::Tensor& values, const at
   const Geometry g{xt.data_ptr<float>(), 1, K, 1, R, cstride, true, 0, R, R, R};
   sparse_rows(g, channels.data_ptr<int32_t>(), nullptr, &zero, &zero, values.data_ptr<float>(),
               row_ptr.data_ptr<int64_t>(), bias.has_value() ? bias->data_ptr<float>() : nullptr, O,
-              out_t.data_ptr<float>());
+              false, out_t.data_ptr<float>());
   return out_t.t().contiguous();
 }
 
@@ -353,7 +365,7 @@ at::Tensor nm_linear(const at::Tensor& input, const at::Tensor& values, const at
 
 TORCH_LIBRARY_FRAGMENT(mmsparse, m) {
   m.def("nm_conv2d(Tensor input, Tensor values, Tensor channels, Tensor taps, Tensor row_ptr, "
-        "Tensor? bias, int kh, int kw, int stride, int padding, int dilation) -> Tensor",
+        "Tensor? bias, int kh, int kw, int stride, int padding, int dilation, bool relu=False) -> Tensor",
         &nm_conv2d);
   m.def("nm_linear(Tensor input, Tensor values, Tensor channels, Tensor row_ptr, Tensor? bias) -> Tensor",
         &nm_linear);

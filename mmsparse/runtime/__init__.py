@@ -4,9 +4,9 @@
 layers running ``torch.ops.mmsparse.nm_conv2d`` / ``nm_linear`` (``mmsparse/csrc/nm_conv.cpp``),
 choosing per layer the faster of the sparse kernel and the dense op (``docs/runtime.md``).
 """
-from .layers import NMSparseConv2d, NMSparseLinear, PackedLayer, coverage, from_csr, to_csr
+from .layers import FusedReLU, NMSparseConv2d, NMSparseLinear, PackedLayer, coverage, from_csr, to_csr
 from .pack import LayerReport, load_packed, pack, relative_error, resolve_patterns, tactics, weight_bytes
 
 __all__ = ['pack', 'load_packed', 'tactics', 'weight_bytes', 'resolve_patterns', 'relative_error',
-           'LayerReport', 'PackedLayer', 'NMSparseConv2d', 'NMSparseLinear', 'coverage', 'to_csr',
-           'from_csr']
+           'LayerReport', 'PackedLayer', 'NMSparseConv2d', 'NMSparseLinear', 'FusedReLU', 'coverage',
+           'to_csr', 'from_csr']

@@ -6,6 +6,11 @@ A packed layer runs one of two tactics, chosen at pack time (:func:`mmsparse.run
   (``mmsparse/csrc/nm_conv.cpp``) on the CSR buffers; only the non-zeros are stored and multiplied;
 * ``'dense'``: ``F.conv2d`` / ``F.linear`` on the dense weight (kept only for this tactic).
 
+Fusion (pack time, mmdet's conv -> BatchNorm -> in-place ReLU): an eval-mode BatchNorm right after a
+packed conv is folded into its weight and bias, and the ReLU after it runs in the kernel; the
+BatchNorm becomes ``nn.Identity`` and the ReLU module a :class:`FusedReLU` that passes the packed
+conv's unchanged output through.
+
 CSR form (one row per output channel, non-zeros of a row ordered by input channel, then kernel
 position): ``values`` float32, ``channels`` int32 (input channel), ``taps`` uint8 (kernel position
 ``r * kw + s``; convs only), ``row_ptr`` int64 ``(out_channels + 1,)``. The layer's geometry, pattern
@@ -67,13 +72,36 @@ def from_csr(csr: Dict[str, Tensor], shape: Tuple[int, ...]) -> Tensor:
     return flat.reshape(shape)
 
 
+def fold_norm(weight: Tensor, bias: Optional[Tensor], norm: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+    """Weight and bias of a conv followed by the eval-mode ``norm`` (zeros stay exact zeros)."""
+    scale = norm.running_var.double().add(norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight.double()
+    shift = -norm.running_mean.double() * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.double()
+    if bias is not None:
+        shift = shift + bias.double() * scale
+    folded = weight.double() * scale.reshape(-1, *[1] * (weight.dim() - 1))
+    return folded.float(), shift.float()
+
+
+class FusedReLU(nn.ReLU):
+    """In-place ReLU whose work a packed conv already did: passes that conv's unchanged output on."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if getattr(x, '_mmsparse_relu_version', None) == x._version:
+            return x
+        return super().forward(x)
+
+
 class PackedLayer(nn.Module):
-    """Base of the packed layers: geometry, pattern, tactic (and its timings) in the extra state."""
+    """Base of the packed layers: geometry, pattern, tactic, fusion (and timings) in the extra state."""
 
     _csr_names: Tuple[str, ...] = ()
 
     def __init__(self, geometry: Geometry, pattern: str, tactic: str,
-                 timings: Optional[Dict[str, float]] = None) -> None:
+                 timings: Optional[Dict[str, float]] = None, fused: Optional[Dict[str, str]] = None) -> None:
         super().__init__()
         if tactic not in TACTICS:
             raise ValueError(f'tactic must be one of {TACTICS}, got {tactic!r}')
@@ -81,32 +109,39 @@ class PackedLayer(nn.Module):
         self.pattern = pattern
         self.tactic = tactic
         self.timings = dict(timings or {})
+        self.fused = dict(fused or {})  # {'norm': module name, 'relu': module name} folded in
 
     @classmethod
     def from_module(cls, module: nn.Module, pattern: str, tactic: str,
-                    timings: Optional[Dict[str, float]] = None) -> 'PackedLayer':
-        """Pack the (folded) weight of ``module`` for ``tactic``."""
-        layer = cls(geometry_of(module), pattern, tactic, timings)
+                    timings: Optional[Dict[str, float]] = None, norm: Optional[nn.BatchNorm2d] = None,
+                    fused: Optional[Dict[str, str]] = None) -> 'PackedLayer':
+        """Pack the (folded) weight of ``module`` for ``tactic``, folding in ``norm`` if given."""
+        geometry = geometry_of(module)
         weight = module.weight.detach().to(torch.float32)
+        bias = None if module.bias is None else module.bias.detach().to(torch.float32)
+        if norm is not None:
+            weight, bias = fold_norm(weight, bias, norm)
+        layer = cls(geometry, pattern, tactic, timings, fused)
         if tactic == 'sparse':
             for name, tensor in to_csr(weight).items():
                 layer.register_buffer(name, tensor)
         else:
             layer.register_buffer('weight', weight.clone())
-        layer.register_buffer('bias', None if module.bias is None
-                              else module.bias.detach().to(torch.float32).clone())
+        layer.register_buffer('bias', None if bias is None else bias.clone())
         return layer
 
     @classmethod
     def from_state(cls, extra: Dict[str, Any], tensors: Dict[str, Tensor]) -> 'PackedLayer':
         """An empty layer shaped like the saved one (``extra`` state, ``{buffer: tensor}``)."""
-        layer = cls(extra['geometry'], extra['pattern'], extra['tactic'], extra.get('timings'))
+        layer = cls(extra['geometry'], extra['pattern'], extra['tactic'], extra.get('timings'),
+                    extra.get('fused'))
         names = layer._csr_names if layer.tactic == 'sparse' else ('weight',)
         for name in names:
             if name not in tensors:
                 raise KeyError(name)
             layer.register_buffer(name, torch.empty_like(tensors[name]))
-        layer.register_buffer('bias', torch.empty_like(tensors['bias']) if layer.geometry['bias'] else None)
+        # a conv without bias has one once a norm is folded into it
+        layer.register_buffer('bias', torch.empty_like(tensors['bias']) if 'bias' in tensors else None)
         return layer
 
     @property
@@ -125,11 +160,11 @@ class PackedLayer(nn.Module):
 
     def get_extra_state(self) -> Dict[str, Any]:
         return dict(format=FORMAT_VERSION, layer=type(self).__name__, geometry=self.geometry,
-                    pattern=self.pattern, tactic=self.tactic, timings=self.timings)
+                    pattern=self.pattern, tactic=self.tactic, timings=self.timings, fused=self.fused)
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         mine = self.get_extra_state()
-        for key in ('format', 'layer', 'geometry', 'pattern', 'tactic'):
+        for key in ('format', 'layer', 'geometry', 'pattern', 'tactic', 'fused'):
             if state.get(key) != mine[key]:
                 raise ValueError(f'packed state does not match this {type(self).__name__}: {key} is '
                                  f'{state.get(key)!r} in the state, {mine[key]!r} here')
@@ -157,7 +192,9 @@ class PackedLayer(nn.Module):
             text += f', kernel_size={g["kernel_size"]}, stride={g["stride"]}, padding={g["padding"]}'
             if g['dilation'] != (1, 1):
                 text += f', dilation={g["dilation"]}'
-        text += f', bias={g["bias"]}, pattern={self.pattern}, tactic={self.tactic}'
+        text += f', bias={self.bias is not None}, pattern={self.pattern}, tactic={self.tactic}'
+        if self.fused:
+            text += ', fused=' + '+'.join(sorted(self.fused))
         if self.timings:
             text += ', ' + ', '.join(f'{k}={v * 1e3:.3f}ms' for k, v in sorted(self.timings.items()))
         return text
@@ -174,13 +211,19 @@ class NMSparseConv2d(PackedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        g = self.geometry
+        g, relu = self.geometry, 'relu' in self.fused
         if self.tactic == 'dense':
-            return F.conv2d(x, self.weight, self.bias, g['stride'], g['padding'], g['dilation'])
-        kh, kw = g['kernel_size']
-        return torch.ops.mmsparse.nm_conv2d(x, self.values, self.channels, self.taps, self.row_ptr,
-                                            self.bias, kh, kw, g['stride'][0], g['padding'][0],
-                                            g['dilation'][0])
+            out = F.conv2d(x, self.weight, self.bias, g['stride'], g['padding'], g['dilation'])
+            if relu:
+                out.relu_()
+        else:
+            kh, kw = g['kernel_size']
+            out = torch.ops.mmsparse.nm_conv2d(x, self.values, self.channels, self.taps, self.row_ptr,
+                                               self.bias, kh, kw, g['stride'][0], g['padding'][0],
+                                               g['dilation'][0], relu)
+        if relu:  # the FusedReLU after this layer passes it on while nothing changed it
+            out._mmsparse_relu_version = out._version
+        return out
 
 
 class NMSparseLinear(PackedLayer):

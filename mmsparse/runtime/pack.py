@@ -8,8 +8,10 @@ tactic; with ``example_inputs`` the packed model is also checked against the unp
 """
 import statistics
 import time
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from functools import partial
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from ..core.patterns import NMPattern
 from ..core.quant import QuantGrid
 from ..core.spec import Dense, FoldSpec, Pattern, parse_pattern
 from ..export.verify import PatternViolationError, checkpoint_specs
-from .layers import (PACKED_TYPES, TACTICS, PackedLayer, coverage, ensure_kernels, geometry_of,
+from .layers import (PACKED_TYPES, TACTICS, FusedReLU, PackedLayer, coverage, ensure_kernels, geometry_of,
                      packed_layer_for)
 
 #: input of a conv timed without ``example_inputs``: (1, in_channels, 56, 56)
@@ -45,13 +47,15 @@ class LayerReport:
     reason: Optional[str] = None    # why the layer was left untouched
     dense_ms: Optional[float] = None
     sparse_ms: Optional[float] = None
+    fused: Optional[str] = None     # 'norm', 'relu' or 'norm+relu' folded into the layer
 
     def __str__(self) -> str:
         if self.tactic is None:
             return f'{self.name}: {self.pattern}, left dense ({self.reason})'
         timing = ('' if self.dense_ms is None else
                   f' (dense {self.dense_ms:.3f} ms, sparse {self.sparse_ms:.3f} ms)')
-        return f'{self.name}: {self.pattern}, tactic {self.tactic}{timing}'
+        fused = f', fused {self.fused}' if self.fused else ''
+        return f'{self.name}: {self.pattern}, tactic {self.tactic}{fused}{timing}'
 
 
 def resolve_patterns(patterns: Optional[Mapping[str, PatternLike]] = None,
@@ -138,11 +142,81 @@ def _default_input(module: nn.Module) -> Tensor:
     return torch.randn(DEFAULT_LINEAR_ROWS, module.in_features)
 
 
-def _reference(module: nn.Module, x: Tensor) -> Tensor:
+def _reference(module: nn.Module, x: Tensor, norm: Optional[nn.Module] = None, relu: bool = False) -> Tensor:
+    """What the unpacked layer (and the norm and ReLU fused into it) computes."""
     weight, bias = module.weight.float(), None if module.bias is None else module.bias.float()
     if isinstance(module, nn.Conv2d):
-        return F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation)
-    return F.linear(x, weight, bias)
+        out = F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation)
+    else:
+        out = F.linear(x, weight, bias)
+    out = out if norm is None else norm(out)
+    return F.relu(out) if relu else out
+
+
+class _FusionTracer:
+    """Forward hooks finding, in one run, each packed conv whose output only an eval-mode BatchNorm
+    reads (both called once) and the in-place ReLU that reads the BatchNorm's (or the conv's) output
+    unchanged (same tensor, same version: no in-place add between): mmdet's conv -> norm -> ReLU.
+    Outputs are kept alive during the run so their ids stay unique."""
+
+    def __init__(self, modules: Dict[str, nn.Module], convs: List[str]) -> None:
+        self.calls: Dict[str, int] = defaultdict(int)
+        self.conv_out: Dict[Tuple[int, int], str] = {}   # (id, version) of a conv output -> conv
+        self.norm_in: Dict[str, Tuple[int, int]] = {}
+        self.norm_out: Dict[Tuple[int, int], str] = {}
+        self.relu_in: Dict[str, List[Tuple[int, int]]] = defaultdict(list)
+        self.keep: List[Tensor] = []
+        self.handles = []
+        for name, module in modules.items():
+            if name in convs and isinstance(module, nn.Conv2d):
+                self.handles.append(module.register_forward_hook(self._conv(name)))
+            elif isinstance(module, nn.BatchNorm2d) and not module.training and module.track_running_stats:
+                self.handles.append(module.register_forward_hook(self._norm(name)))
+            elif isinstance(module, nn.ReLU) and module.inplace:
+                self.handles.append(module.register_forward_pre_hook(self._relu(name)))
+
+    def _key(self, tensor: Tensor) -> Tuple[int, int]:
+        self.keep.append(tensor)
+        return id(tensor), tensor._version
+
+    def _conv(self, name: str):
+        def hook(_, args, out):
+            self.calls[name] += 1
+            self.conv_out[self._key(out)] = name
+        return hook
+
+    def _norm(self, name: str):
+        def hook(_, args, out):
+            self.calls[name] += 1
+            self.norm_in[name] = self._key(args[0])
+            self.norm_out[self._key(out)] = name
+        return hook
+
+    def _relu(self, name: str):
+        def hook(_, args):
+            self.relu_in[name].append(self._key(args[0]))
+        return hook
+
+    def fusions(self) -> Dict[str, Dict[str, str]]:
+        """``{conv: {'norm': norm name, 'relu': relu name}}`` (either key may be missing)."""
+        found: Dict[str, Dict[str, str]] = defaultdict(dict)
+        conv_of_norm = {}
+        for norm, source in self.norm_in.items():
+            conv = self.conv_out.get(source)
+            if conv is not None and self.calls[conv] == 1 and self.calls[norm] == 1:
+                found[conv]['norm'] = norm
+                conv_of_norm[norm] = conv
+        for relu, sources in self.relu_in.items():
+            for source in sources:
+                conv = conv_of_norm.get(self.norm_out.get(source))
+                direct = self.conv_out.get(source)
+                if conv is None and direct is not None and self.calls[direct] == 1 \
+                        and 'norm' not in found[direct]:
+                    conv = direct
+                if conv is not None:
+                    found[conv]['relu'] = relu
+        self.keep.clear()
+        return {conv: fused for conv, fused in found.items() if fused}
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -155,7 +229,8 @@ def pack(model: nn.Module,
          example_inputs: Optional[ExampleInputs] = None,
          tactic: Union[str, Mapping[str, str]] = 'auto',
          checkpoint: Optional[Union[str, dict]] = None,
-         repeats: int = 7) -> nn.Module:
+         repeats: int = 7,
+         fuse: bool = True) -> nn.Module:
     """Swap the declared sparse conv / linear layers of ``model`` for packed inference layers.
 
     Args:
@@ -172,6 +247,9 @@ def pack(model: nn.Module,
         checkpoint (str | dict, optional): Folded checkpoint (or its path) whose fold meta gives the
             patterns when ``patterns`` is None.
         repeats (int): Timed repetitions per tactic for ``'auto'`` (median). Defaults to 7.
+        fuse (bool): With ``example_inputs``, fold the eval-mode BatchNorm that only reads a packed
+            conv's output into it and run the in-place ReLU after it in the kernel (mmdet's conv ->
+            norm -> ReLU, found with forward hooks; the output check guards it). Defaults to True.
 
     Returns:
         nn.Module: ``model``, with ``model.mmsparse_pack_report`` (list of :class:`LayerReport`).
@@ -213,7 +291,7 @@ def pack(model: nn.Module,
 
     model.eval()
     captured: Dict[str, List[Tensor]] = {}
-    reference = None
+    reference, fusions = None, {}
     with torch.no_grad():
         if example_inputs is not None:
             def capture(name):
@@ -222,36 +300,47 @@ def pack(model: nn.Module,
                 return hook
             handles = [modules[name].register_forward_pre_hook(capture(name)) for name in eligible]
             try:
+                tracer = _FusionTracer(modules, eligible) if fuse else None
                 reference = _flatten(_run(model, example_inputs))
+                fusions = tracer.fusions() if fuse else {}
             finally:
-                for handle in handles:
+                for handle in handles + (tracer.handles if fuse else []):
                     handle.remove()
         packed = {}
         for name in eligible:
-            module, pattern = modules[name], specs[name]
-            cls = packed_layer_for(module)
+            module, pattern, fused = modules[name], str(specs[name]), fusions.get(name, {})
+            cls, norm = packed_layer_for(module), modules.get(fused.get('norm'))
+            build = partial(cls.from_module, module, pattern, norm=norm, fused=fused)
             inputs = captured.get(name, [])
             if inputs and tactic_of[name] != 'dense':  # the kernel must give the layer's outputs
-                layer = cls.from_module(module, str(pattern), 'sparse')
-                err = max(relative_error(layer(x), _reference(module, x)) for x in inputs)
+                layer = build('sparse')
+                err = max(relative_error(layer(x), _reference(module, x, norm, 'relu' in fused))
+                          for x in inputs)
                 if err > RTOL:
                     raise ValueError(f'{name}: packed output differs from the dense layer by {err:.2e} '
                                      f'(relative) > {RTOL}')
             chosen, timings = tactic_of[name], {}
             if chosen == 'auto':
-                candidates = {t: cls.from_module(module, str(pattern), t) for t in TACTICS}
+                candidates = {t: build(t) for t in TACTICS}
                 timings = _median_times(candidates, inputs or [_default_input(module)], repeats)
                 chosen = 'sparse' if timings['sparse'] < timings['dense'] else 'dense'
-            packed[name] = cls.from_module(module, str(pattern), chosen, timings)
+            packed[name] = build(chosen, timings)
             ms = [timings['dense'] * 1e3, timings['sparse'] * 1e3] if timings else []
-            reports[name] = LayerReport(name, str(pattern), chosen, None, *ms)
-        for name, layer in packed.items():
+            reports[name] = LayerReport(name, pattern, chosen, None, *ms,
+                                        fused='+'.join(sorted(fused)) or None)
+        swaps = dict(packed)
+        for fused in fusions.values():
+            if 'norm' in fused:
+                swaps[fused['norm']] = nn.Identity()
+            if 'relu' in fused:
+                swaps[fused['relu']] = FusedReLU(inplace=True)
+        for name, layer in swaps.items():
             _swap(model, name, layer)
         if reference is not None:
             try:
                 _check_outputs(_flatten(_run(model, example_inputs)), reference)
             except ValueError:
-                for name in packed:
+                for name in swaps:
                     _swap(model, name, modules[name])
                 raise
     model.mmsparse_pack_report = [reports[name] for name in specs]
@@ -291,7 +380,8 @@ def load_packed(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
     """Load a packed model's ``state_dict`` into an unpacked ``model`` of the same architecture.
 
     The packed layers named in the state replace the model's conv / linear layers (no re-packing),
-    then the whole state loads strictly.
+    the BatchNorms and ReLUs fused into them become ``nn.Identity`` / :class:`FusedReLU`, then the
+    whole state loads strictly.
 
     Raises:
         ValueError: the state holds no packed layer, or it does not match the model (a layer missing,
@@ -320,6 +410,12 @@ def load_packed(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
                    if key.startswith(name + '.') and isinstance(value, Tensor)}
         try:
             _swap(model, name, PACKED_TYPES[extra['layer']].from_state(extra, tensors))
+            for kind, fused in (extra.get('fused') or {}).items():
+                expected = nn.BatchNorm2d if kind == 'norm' else nn.ReLU
+                if not isinstance(modules.get(fused), expected):
+                    raise ValueError(f'packed state does not match the model: {fused}, fused into {name}, '
+                                     f'is no {expected.__name__} here')
+                _swap(model, fused, nn.Identity() if kind == 'norm' else FusedReLU(inplace=True))
         except KeyError as err:
             raise ValueError(f'packed state does not match the model: {name}.{err.args[0]} '
                              'is missing') from None

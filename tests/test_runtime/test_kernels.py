@@ -16,11 +16,11 @@ pytestmark = pytest.mark.skipif(not kernels_available(), reason='mmsparse._ext i
 PATTERNS = [NMPattern(1, 4), NMPattern(2, 4), NMPattern(2, 8), NMPattern(1, 16), NMPattern(3, 32)]
 
 
-def conv(x, weight, bias, stride, padding, dilation=1):
+def conv(x, weight, bias, stride, padding, dilation=1, relu=False):
     csr = to_csr(weight)
     kh, kw = weight.shape[2:]
     return torch.ops.mmsparse.nm_conv2d(x, csr['values'], csr['channels'], csr['taps'], csr['row_ptr'],
-                                        bias, kh, kw, stride, padding, dilation)
+                                        bias, kh, kw, stride, padding, dilation, relu)
 
 
 def linear(x, weight, bias):
@@ -72,6 +72,17 @@ def test_conv_large_plane_and_empty_rows():
     out = conv(x, weight, b, 1, 1)
     assert relative_error(out, F.conv2d(x, weight, b, 1, 1)) < 1e-5
     assert torch.equal(out[0, 5], b[5].expand_as(out[0, 5]))
+
+
+@pytest.mark.parametrize('shape,k', [((40, 1024, 1, 1), 1), ((24, 32, 3, 3), 3)])
+def test_conv_relu_epilogue(shape, k):
+    """The fused ReLU, also after several channel chunks and for rows with no non-zero in the last."""
+    weight = nm_weight(shape, NMPattern(1, 16))
+    weight[:8, shape[1] // 2:] = 0
+    x, b = torch.randn(2, shape[1], 9, 10), torch.randn(shape[0])
+    ref = torch.relu(F.conv2d(x, weight, b, 1, k // 2))
+    out = conv(x, weight, b, 1, k // 2, relu=True)
+    assert relative_error(out, ref) < 1e-5 and (out >= 0).all() and (out == 0).any()
 
 
 @pytest.mark.parametrize('pattern', PATTERNS, ids=str)

@@ -9,15 +9,16 @@ from mmsparse.core.ext import kernels_available
 from mmsparse.core.patterns import NMPattern
 from mmsparse.core.spec import FoldSpec
 from mmsparse.export.verify import FOLD_META_KEY, PatternViolationError, checkpoint_specs
-from mmsparse.runtime import (NMSparseConv2d, NMSparseLinear, load_packed, pack, relative_error, tactics,
-                              weight_bytes)
+from mmsparse.runtime import (FusedReLU, NMSparseConv2d, NMSparseLinear, PackedLayer, load_packed, pack,
+                              relative_error, tactics, weight_bytes)
 from runtime_helpers import nm_weight
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason='mmsparse._ext is not built')
 
 
 class Tiny(nn.Module):
-    """Stem (dense by rule), 3x3 / strided 3x3 / 1x1 convs with BN, a grouped conv and two linears."""
+    """Stem (dense by rule), 3x3 conv -> BN -> ReLU, strided 3x3, 1x1 -> ReLU, a grouped conv, two
+    linears."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
@@ -29,10 +30,11 @@ class Tiny(nn.Module):
         self.grouped = nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=2)
         self.fc1 = nn.Linear(2 * width * 16, 64)
         self.fc2 = nn.Linear(64, 10)
+        self.relu = nn.ReLU(inplace=True)  # shared, as in mmdet's ResNet blocks
 
     def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(self.stem(x))))
-        x = torch.relu(self.conv3(torch.relu(self.conv2(x))))
+        x = self.relu(self.bn1(self.conv1(self.stem(x))))
+        x = self.relu(self.conv3(torch.relu(self.conv2(x))))
         x = nn.functional.adaptive_avg_pool2d(self.grouped(x), 4).flatten(1)
         return self.fc2(torch.relu(self.fc1(x)))
 
@@ -77,11 +79,36 @@ def test_pack_sparse_gives_same_outputs():
     assert weight_bytes(packed) < weight_bytes(model)
 
 
+def test_fusion_of_norm_and_relu():
+    """conv1 -> bn1 -> relu and conv3 -> relu are fused; the shared ReLU still works elsewhere."""
+    model, x = folded_tiny(), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    packed = pack(copy.deepcopy(model), PATTERNS, example_inputs=x, tactic='sparse')
+    assert packed.conv1.fused == {'norm': 'bn1', 'relu': 'relu'} and packed.conv3.fused == {'relu': 'relu'}
+    assert packed.conv2.fused == {} and isinstance(packed.bn1, nn.Identity)
+    assert isinstance(packed.relu, FusedReLU)
+    assert {r.name: r.fused for r in packed.mmsparse_pack_report}['conv1'] == 'norm+relu'
+    with torch.no_grad():
+        assert relative_error(packed(x), ref) < 1e-5
+        # an output changed after the conv is not passed through
+        y = packed.conv3(torch.randn(1, 64, 4, 4)).sub_(10.0)
+        assert torch.equal(packed.relu(y.clone()), torch.relu(y))
+    unfused = pack(copy.deepcopy(model), PATTERNS, example_inputs=x, tactic='sparse', fuse=False)
+    assert isinstance(unfused.bn1, nn.BatchNorm2d) and not any(m.fused for m in unfused.modules()
+                                                                 if isinstance(m, PackedLayer))
+    # the dense tactic folds the norm too
+    dense = pack(copy.deepcopy(model), PATTERNS, example_inputs=x, tactic='dense')
+    assert dense.conv1.fused == {'norm': 'bn1', 'relu': 'relu'}
+    with torch.no_grad():
+        assert relative_error(dense(x), ref) < 1e-5
+
+
 def test_pack_dense_tactic_is_bit_exact():
     model, x = folded_tiny(), torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         ref = model(x)
-    packed = pack(copy.deepcopy(model), PATTERNS, tactic='dense')
+    packed = pack(copy.deepcopy(model), PATTERNS, tactic='dense')  # no example: nothing fused
     assert set(tactics(packed).values()) == {'dense'}
     with torch.no_grad():
         assert torch.equal(packed(x), ref)
@@ -99,7 +126,7 @@ def test_auto_tactic_is_recorded_and_reproducible():
     report = {r.name: r for r in packed.mmsparse_pack_report}
     assert report['conv1'].dense_ms > 0 and report['conv1'].sparse_ms > 0
     # forcing the recorded choices rebuilds the same model, without timing
-    again = pack(copy.deepcopy(model), PATTERNS, tactic=chosen)
+    again = pack(copy.deepcopy(model), PATTERNS, example_inputs=x, tactic=chosen)
     assert tactics(again) == chosen and all(r.dense_ms is None for r in again.mmsparse_pack_report
                                             if r.tactic)
     with torch.no_grad():
@@ -121,8 +148,7 @@ def test_patterns_from_fold_meta():
     by_specs = pack(copy.deepcopy(model), checkpoint_specs(checkpoint), tactic='sparse')
     assert set(tactics(by_meta)) == set(tactics(by_specs)) == set(declared)
     with torch.no_grad():
-        assert torch.equal(by_meta(x), by_specs(x))
-        assert relative_error(by_meta(x), ref) < 1e-5
+        assert relative_error(by_meta(x), ref) < 1e-5 and relative_error(by_specs(x), ref) < 1e-5
 
 
 def test_violated_pattern_names_the_layer():
@@ -172,16 +198,18 @@ def test_packed_layers_are_inference_only():
 
 def test_state_round_trip_without_repacking():
     model, x = folded_tiny(), torch.randn(2, 3, 16, 16)
-    mixed = {name: 'dense' if name == 'conv1' else 'sparse' for name in PATTERNS}
-    packed = pack(copy.deepcopy(model), PATTERNS, tactic=mixed)
+    mixed = {name: 'dense' if name == 'conv2' else 'sparse' for name in PATTERNS}
+    packed = pack(copy.deepcopy(model), PATTERNS, example_inputs=x, tactic=mixed)
     state = packed.state_dict()
+    assert 'bn1.running_mean' not in state  # folded into conv1
     fresh = load_packed(Tiny(), state)  # random init: everything comes from the packed state
-    assert tactics(fresh) == tactics(packed)
+    assert tactics(fresh) == tactics(packed) and isinstance(fresh.bn1, nn.Identity)
+    assert isinstance(fresh.relu, FusedReLU) and fresh.conv1.fused == packed.conv1.fused
     with torch.no_grad():
         assert torch.equal(fresh(x), packed(x))
     assert weight_bytes(fresh) == weight_bytes(packed)
     # a packed model loads a packed state of the same architecture directly
-    other = pack(folded_tiny(seed=1), PATTERNS, tactic=tactics(packed))
+    other = pack(folded_tiny(seed=1), PATTERNS, example_inputs=x, tactic=tactics(packed))
     other.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(other(x), packed(x))
