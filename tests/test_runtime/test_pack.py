@@ -250,3 +250,21 @@ def test_mmdet_resnet_from_fold_meta():
     with torch.no_grad():
         for a, b in zip(packed(x), ref):
             assert relative_error(a, b) < 1e-4
+
+
+def test_block_sparse_layer_runs_on_the_csr_kernel():
+    """An SA++ block pattern ('block16@0.7') is verified and packed like any sparse weight."""
+    from mmsparse.core.blocks import BlockPattern, expand_block_mask
+    model, x = folded_tiny(), torch.randn(1, 3, 16, 16)
+    weight = model.conv3.weight.data  # 64x64 view: a 4x4 grid of 16x16 blocks
+    keep = torch.zeros(4, 4)
+    keep[torch.arange(4), torch.arange(4)] = 1  # 75% of the blocks exactly zero
+    model.conv3.weight.data = torch.randn_like(weight) * expand_block_mask(keep, weight.shape, 16)
+    with torch.no_grad():
+        ref = model(x)
+    packed = pack(model, {'conv3': BlockPattern(16, 0.7)}, example_inputs=x, tactic='sparse')
+    assert packed.conv3.values.numel() == 4 * 16 * 16 and packed.conv3.pattern == 'block16@0.7'
+    with torch.no_grad():
+        assert relative_error(packed(x), ref) < 1e-5
+    with pytest.raises(PatternViolationError, match='conv3: 0/16 blocks are exactly zero, 15 required'):
+        pack(folded_tiny(), {'conv3': 'block16@0.9'})
