@@ -205,6 +205,20 @@ def _match_layer(candidate: str, layers: Sequence[str]) -> Optional[str]:
     return hits[0] if len(hits) == 1 else None
 
 
+def node_layer(node, layers: Sequence[str]) -> Optional[str]:
+    """The layer of ``layers`` whose weight an ONNX ``Conv`` / ``Gemm`` / ``MatMul`` node reads.
+
+    By the weight's name (``<layer>.weight``) or, for weights the exporter renamed (convolutions
+    with batch norm folded in: ``onnx::Conv_2112``), by the node's scope name; None if neither names
+    exactly one layer.
+    """
+    name = node.input[1]
+    if name.endswith('.weight') and name[:-len('.weight')] in layers:
+        return name[:-len('.weight')]
+    candidate = _node_module(node.name)
+    return _match_layer(candidate, layers) if candidate else None
+
+
 def onnx_layer_weights(onnx_file: str, layers: Sequence[str]) -> Dict[str, List[np.ndarray]]:
     """Weights of ``layers`` as stored in the ONNX graph, in torch layout ((O, I, kh, kw) / (O, I)).
 
@@ -226,12 +240,7 @@ def onnx_layer_weights(onnx_file: str, layers: Sequence[str]) -> Dict[str, List[
         if node.op_type not in ('Conv', 'Gemm', 'MatMul') or len(node.input) < 2:
             continue
         name = node.input[1]
-        if name not in inits:
-            continue
-        layer = name[:-len('.weight')] if name.endswith('.weight') and name[:-7] in layers else None
-        if layer is None:
-            candidate = _node_module(node.name)
-            layer = _match_layer(candidate, layers) if candidate else None
+        layer = node_layer(node, layers) if name in inits else None
         if layer is None:
             continue
         array = inits[name]
@@ -266,5 +275,5 @@ def verify_onnx(onnx_file: str, specs: Mapping[str, FoldSpec]) -> Tuple[list, Li
 __all__ = [
     'DEPLOY_CONFIG_DIR', 'ExportResult', 'build_ort_model', 'build_task_processor', 'custom_op_domains',
     'default_deploy_config', 'deploy_config_path', 'export_onnx', 'first_test_image', 'mmdeploy_compat',
-    'onnx_layer_weights', 'verify_onnx'
+    'node_layer', 'onnx_layer_weights', 'verify_onnx'
 ]
