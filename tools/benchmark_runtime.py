@@ -1,8 +1,10 @@
-"""mmsparse's CPU runtime against dense PyTorch on mmdet ResNet backbones with exact N:M weights.
+"""mmsparse's CPU runtime against dense PyTorch on mmdet ResNet backbones with exact sparse weights.
 
-For each depth (``--depths``, default 50 and 18) and pattern (``--patterns``, default 1:16 2:8 2:4):
-an ``mmdet.models.backbones.ResNet`` with random weights, every N:M-eligible conv made exactly N:M
-(the N largest magnitudes of each block kept; the 3-channel stem stays dense), eval mode, is packed
+For each depth (``--depths``, default 50 and 18) and pattern (``--patterns``, default 1:16 2:8 2:4;
+block patterns such as ``block16@0.7`` too): an ``mmdet.models.backbones.ResNet`` with random
+weights, every eligible conv made exactly sparse (N:M: the N largest magnitudes of each block kept,
+the 3-channel stem stays dense; blocks: the SA++ layers with at least 100 blocks, the smallest-norm
+share of blocks zeroed), eval mode, is packed
 with :func:`mmsparse.runtime.pack` (``tactic='auto'``: each layer timed dense vs sparse on its real
 input, the faster kept; outputs checked against the dense model) and timed against the dense model
 on one ``--size`` x ``--size`` image, batch ``--batch``, ``--threads`` intra-op threads:
@@ -16,12 +18,13 @@ on one ``--size`` x ``--size`` image, batch ``--batch``, ``--threads`` intra-op 
 Every timing is the median of ``--rounds`` interleaved rounds (dense, packed; packed, dense; ...) after
 a warm-up, so both see the same machine load; the ratios dense / packed come from the same run.
 
-    python tools/benchmark_runtime.py [--depths 50 18] [--patterns 1:16 2:8 2:4] [--size 512]
+    python tools/benchmark_runtime.py [--depths 50 18] [--patterns 1:16 2:8 2:4 block16@0.9] [--size 512]
         [--threads 2] [--rounds 7] [--out work_dirs/benchmarks/runtime.json]
 """
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import time
@@ -32,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmsparse.core.blocks import BlockPattern, block_incompatibility, block_norms, expand_block_mask
 from mmsparse.core.masks import hard_nm_mask
 from mmsparse.core.patterns import NMPattern, nm_incompatibility
+from mmsparse.core.spec import Pattern, parse_pattern
 from mmsparse.runtime import PackedLayer, pack, relative_error, tactics, weight_bytes
 
 
@@ -49,17 +54,30 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def nm_resnet(depth: int, pattern: NMPattern, seed: int = 0) -> Tuple[nn.Module, Dict[str, str]]:
-    """A random mmdet ResNet whose N:M-eligible convs hold exact ``pattern`` weights."""
+def sparse_resnet(depth: int, pattern: Pattern, seed: int = 0) -> Tuple[nn.Module, Dict[str, str]]:
+    """A random mmdet ResNet whose eligible convs hold exact ``pattern`` weights: N:M on every conv
+    but the stem; for ``block<B>@<share>`` the SA++ rule (layers with at least 100 blocks), the
+    smallest-norm blocks zeroed."""
     from mmdet.models.backbones import ResNet
     torch.manual_seed(seed)
     model = ResNet(depth=depth, out_indices=(0, 1, 2, 3))
     model.eval()
     declared = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d) and nm_incompatibility(module, pattern.m) is None:
-            module.weight.data *= hard_nm_mask(module.weight.data, pattern.n, pattern.m)
-            declared[name] = str(pattern)
+        if not isinstance(module, nn.Conv2d):
+            continue
+        weight = module.weight.data
+        if isinstance(pattern, NMPattern) and nm_incompatibility(module, pattern.m) is None:
+            weight *= hard_nm_mask(weight, pattern.n, pattern.m)
+        elif isinstance(pattern, BlockPattern) and block_incompatibility(module, pattern.size, 100) is None:
+            norms = block_norms(weight, pattern.size)
+            zero = math.ceil(pattern.min_sparsity * norms.numel() - 1e-6)
+            keep = torch.ones(norms.numel())
+            keep[norms.flatten().argsort()[:zero]] = 0
+            weight *= expand_block_mask(keep.view_as(norms), weight.shape, pattern.size)
+        else:
+            continue
+        declared[name] = str(pattern)
     return model, declared
 
 
@@ -92,8 +110,8 @@ def capture_inputs(model: nn.Module, names: List[str], x: torch.Tensor) -> Dict[
     return inputs
 
 
-def bench(depth: int, pattern: NMPattern, args: argparse.Namespace) -> dict:
-    dense, declared = nm_resnet(depth, pattern)
+def bench(depth: int, pattern: Pattern, args: argparse.Namespace) -> dict:
+    dense, declared = sparse_resnet(depth, pattern)
     x = torch.randn(args.batch, 3, args.size, args.size)
     start = time.perf_counter()
     packed = pack(copy.deepcopy(dense), declared, example_inputs=x, tactic='auto', repeats=args.rounds)
@@ -140,7 +158,7 @@ def main() -> None:
           'interleaved rounds; ratio = dense / packed (> 1: packed faster)')
     for depth in args.depths:
         for text in args.patterns:
-            res = bench(depth, NMPattern.parse(text), args)
+            res = bench(depth, parse_pattern(text), args)
             results.append(res)
             print(f'\nResNet-{depth} {text}: packed in {res["pack_s"]:.1f} s, {res["sparse_layers"]} layers '
                   f'on the sparse tactic, weights {res["dense_weight_bytes"] / 2**20:.1f} -> '

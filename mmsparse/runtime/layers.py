@@ -3,7 +3,8 @@
 A packed layer runs one of two tactics, chosen at pack time (:func:`mmsparse.runtime.pack`):
 
 * ``'sparse'``: the compiled kernels ``torch.ops.mmsparse.nm_conv2d`` / ``nm_linear``
-  (``mmsparse/csrc/nm_conv.cpp``) on the CSR buffers; only the non-zeros are stored and multiplied;
+  (``mmsparse/csrc/nm_conv.cpp``) on the CSR buffers, or ``bsr_conv2d`` / ``bsr_linear`` on the BSR
+  arrays of a block pattern; only the non-zeros (non-zero blocks) are stored and multiplied;
 * ``'dense'``: ``F.conv2d`` / ``F.linear`` on the dense weight (kept only for this tactic).
 
 Fusion (pack time, mmdet's conv -> BatchNorm -> in-place ReLU): an eval-mode BatchNorm right after a
@@ -23,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.blocks import BlockPattern
 from ..core.ext import kernels_available
+from ..core.spec import parse_pattern
 
 FORMAT_VERSION = 1
 TACTICS = ('sparse', 'dense')
@@ -123,7 +126,7 @@ class PackedLayer(nn.Module):
             weight, bias = fold_norm(weight, bias, norm)
         layer = cls(geometry, pattern, tactic, timings, fused)
         if tactic == 'sparse':
-            for name, tensor in to_csr(weight).items():
+            for name, tensor in layer._pack(weight).items():
                 layer.register_buffer(name, tensor)
         else:
             layer.register_buffer('weight', weight.clone())
@@ -151,12 +154,18 @@ class PackedLayer(nn.Module):
         return (g['out_channels'], g['in_channels']) + tuple(g.get('kernel_size', ()))
 
     def csr(self) -> Dict[str, Tensor]:
-        """The CSR buffers (sparse tactic only)."""
+        """The sparse buffers (CSR, or BSR for the block layers; sparse tactic only)."""
         return {name: getattr(self, name) for name in self._csr_names}
 
     def dense_weight(self) -> Tensor:
         """The dense weight this layer computes with (rebuilt from the CSR for the sparse tactic)."""
-        return self.weight if self.tactic == 'dense' else from_csr(self.csr(), self.weight_shape)
+        return self.weight if self.tactic == 'dense' else self._unpack(self.csr(), self.weight_shape)
+
+    def _pack(self, weight: Tensor) -> Dict[str, Tensor]:
+        return to_csr(weight)
+
+    def _unpack(self, tensors: Dict[str, Tensor], shape: Tuple[int, ...]) -> Tensor:
+        return from_csr(tensors, shape)
 
     def get_extra_state(self) -> Dict[str, Any]:
         return dict(format=FORMAT_VERSION, layer=type(self).__name__, geometry=self.geometry,
@@ -200,14 +209,11 @@ class PackedLayer(nn.Module):
         return text
 
 
-class NMSparseConv2d(PackedLayer):
-    """Inference-only ``nn.Conv2d`` replacement running a folded sparse (e.g. N:M) weight.
+class PackedConv2d(PackedLayer):
+    """Base of the packed convs: the dense tactic, the fused ReLU and its marker."""
 
-    Covered by the sparse kernel: ``groups == 1``, square stride, padding and dilation (any kernel
-    size up to 256 positions), zero padding mode; :func:`coverage` says why a conv is not.
-    """
-
-    _csr_names = ('values', 'channels', 'taps', 'row_ptr')
+    def _sparse(self, x: Tensor, relu: bool) -> Tensor:
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -217,30 +223,84 @@ class NMSparseConv2d(PackedLayer):
             if relu:
                 out.relu_()
         else:
-            kh, kw = g['kernel_size']
-            out = torch.ops.mmsparse.nm_conv2d(x, self.values, self.channels, self.taps, self.row_ptr,
-                                               self.bias, kh, kw, g['stride'][0], g['padding'][0],
-                                               g['dilation'][0], relu)
+            out = self._sparse(x, relu)
         if relu:  # the FusedReLU after this layer passes it on while nothing changed it
             out._mmsparse_relu_version = out._version
         return out
 
 
-class NMSparseLinear(PackedLayer):
-    """Inference-only ``nn.Linear`` replacement running a folded sparse (e.g. N:M) weight."""
+class NMSparseConv2d(PackedConv2d):
+    """Inference-only ``nn.Conv2d`` replacement running a folded sparse (e.g. N:M) weight in CSR form.
 
-    _csr_names = ('values', 'channels', 'row_ptr')
+    Covered by the sparse kernel: ``groups == 1``, square stride, padding and dilation (any kernel
+    size up to 256 positions), zero padding mode; :func:`coverage` says why a conv is not.
+    """
+
+    _csr_names = ('values', 'channels', 'taps', 'row_ptr')
+
+    def _sparse(self, x: Tensor, relu: bool) -> Tensor:
+        g = self.geometry
+        kh, kw = g['kernel_size']
+        return torch.ops.mmsparse.nm_conv2d(x, self.values, self.channels, self.taps, self.row_ptr, self.bias,
+                                            kh, kw, g['stride'][0], g['padding'][0], g['dilation'][0], relu)
+
+
+class BlockSparseConv2d(PackedConv2d):
+    """``nn.Conv2d`` replacement for a B×B block-sparse weight (SA++): BSR arrays of the 2-D view
+    (:meth:`mmsparse.core.blocks.BlockPattern.pack`), run by ``torch.ops.mmsparse.bsr_conv2d``;
+    needs ``B % 4 == 0`` dividing the input and output channels (:func:`packed_layer_for`)."""
+
+    _csr_names = ('values', 'col_indices', 'crow_indices')
+
+    def _pack(self, weight: Tensor) -> Dict[str, Tensor]:
+        return parse_pattern(self.pattern).pack(weight)
+
+    def _unpack(self, tensors: Dict[str, Tensor], shape: Tuple[int, ...]) -> Tensor:
+        return parse_pattern(self.pattern).unpack(tensors, shape)
+
+    def _sparse(self, x: Tensor, relu: bool) -> Tensor:
+        g = self.geometry
+        kh, kw = g['kernel_size']
+        return torch.ops.mmsparse.bsr_conv2d(x, self.values, self.col_indices, self.crow_indices, self.bias,
+                                             kh, kw, g['stride'][0], g['padding'][0], g['dilation'][0], relu)
+
+
+class PackedLinear(PackedLayer):
+    """Base of the packed linears: the dense tactic and any leading dims."""
+
+    def _sparse(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.tactic == 'dense':
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mmsparse.nm_linear(flat, self.values, self.channels, self.row_ptr, self.bias)
+        out = self._sparse(x.reshape(-1, x.shape[-1]))
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-PACKED_TYPES = {'NMSparseConv2d': NMSparseConv2d, 'NMSparseLinear': NMSparseLinear}
+class NMSparseLinear(PackedLinear):
+    """Inference-only ``nn.Linear`` replacement running a folded sparse (e.g. N:M) weight in CSR form."""
+
+    _csr_names = ('values', 'channels', 'row_ptr')
+
+    def _sparse(self, x: Tensor) -> Tensor:
+        return torch.ops.mmsparse.nm_linear(x, self.values, self.channels, self.row_ptr, self.bias)
+
+
+class BlockSparseLinear(PackedLinear):
+    """``nn.Linear`` replacement for a B×B block-sparse weight (BSR, ``torch.ops.mmsparse.bsr_linear``)."""
+
+    _csr_names = ('values', 'col_indices', 'crow_indices')
+    _pack = BlockSparseConv2d._pack
+    _unpack = BlockSparseConv2d._unpack
+
+    def _sparse(self, x: Tensor) -> Tensor:
+        return torch.ops.mmsparse.bsr_linear(x, self.values, self.col_indices, self.crow_indices, self.bias)
+
+
+PACKED_TYPES = {cls.__name__: cls for cls in (NMSparseConv2d, NMSparseLinear, BlockSparseConv2d,
+                                               BlockSparseLinear)}
 
 
 def coverage(module: nn.Module) -> Optional[str]:
@@ -273,9 +333,15 @@ def _is_plain_wrapper(module: nn.Module) -> bool:
     return type(module).__module__.startswith('mmcv.cnn.bricks.wrappers')
 
 
-def packed_layer_for(module: nn.Module) -> type:
-    """The packed layer class replacing ``module``."""
-    return NMSparseConv2d if isinstance(module, nn.Conv2d) else NMSparseLinear
+def packed_layer_for(module: nn.Module, pattern: Any = None) -> type:
+    """The packed layer class replacing ``module``: BSR for a block pattern whose block size (a
+    multiple of 4) divides the input and output channels, CSR otherwise (any sparsity)."""
+    conv = isinstance(module, nn.Conv2d)
+    if isinstance(pattern, BlockPattern) and pattern.size % 4 == 0:
+        out_channels, in_channels = module.weight.shape[:2]
+        if in_channels % pattern.size == 0 and out_channels % pattern.size == 0:
+            return BlockSparseConv2d if conv else BlockSparseLinear
+    return NMSparseConv2d if conv else NMSparseLinear
 
 
 def ensure_kernels() -> None:

@@ -309,7 +309,7 @@ def pack(model: nn.Module,
         packed = {}
         for name in eligible:
             module, pattern, fused = modules[name], str(specs[name]), fusions.get(name, {})
-            cls, norm = packed_layer_for(module), modules.get(fused.get('norm'))
+            cls, norm = packed_layer_for(module, specs[name]), modules.get(fused.get('norm'))
             build = partial(cls.from_module, module, pattern, norm=norm, fused=fused)
             inputs = captured.get(name, [])
             if inputs and tactic_of[name] != 'dense':  # the kernel must give the layer's outputs

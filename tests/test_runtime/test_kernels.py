@@ -1,5 +1,6 @@
-"""The sparse conv / linear kernels (``torch.ops.mmsparse.nm_conv2d`` / ``nm_linear``) against
-F.conv2d / F.linear on random weights with exact N:M zeros."""
+"""The sparse conv / linear kernels (CSR: ``torch.ops.mmsparse.nm_conv2d`` / ``nm_linear``; BSR:
+``bsr_conv2d`` / ``bsr_linear``) against F.conv2d / F.linear on random weights with exact N:M zeros
+or zero blocks."""
 import itertools
 
 import pytest
@@ -7,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from mmsparse.core.ext import kernels_available
+from mmsparse.core.blocks import BlockPattern
 from mmsparse.core.patterns import NMPattern
 from mmsparse.runtime import from_csr, relative_error, to_csr
-from runtime_helpers import nm_weight
+from runtime_helpers import block_weight, nm_weight
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason='mmsparse._ext is not built')
 
@@ -147,3 +149,67 @@ def test_kernel_refuses_bad_buffers(bad, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.mmsparse.nm_conv2d(torch.randn(1, 16, 5, 5), csr['values'], csr['channels'], csr['taps'],
                                      csr['row_ptr'], None, 3, 3, 1, 1, 1)
+
+
+def bsr_conv(x, weight, size, bias, stride, padding, dilation=1, relu=False):
+    bsr = BlockPattern(size).pack(weight)
+    kh, kw = weight.shape[2:]
+    return torch.ops.mmsparse.bsr_conv2d(x, bsr['values'], bsr['col_indices'], bsr['crow_indices'], bias,
+                                         kh, kw, stride, padding, dilation, relu)
+
+
+BSR_CASES = list(itertools.product([4, 16], [1, 3], [1, 2], [0, 1], [(1, 7, 9), (3, 13, 11)], [True, False]))
+
+
+@pytest.mark.parametrize('size,k,stride,padding,shape,bias', BSR_CASES,
+                         ids=[f'b{b}-k{k}-s{s}-p{pd}-{"x".join(map(str, z))}-{"b" if bb else "nb"}'
+                              for b, k, s, pd, z, bb in BSR_CASES])
+def test_bsr_conv_matches_f_conv2d(size, k, stride, padding, shape, bias):
+    n, h, w = shape
+    weight = block_weight((32, 32, k, k), size, 0.7, seed=size + k)
+    b = torch.randn(32) if bias else None
+    x = torch.randn(n, 32, h, w)
+    ref = F.conv2d(x, weight, b, stride, padding)
+    out = bsr_conv(x, weight, size, b, stride, padding)
+    assert out.shape == ref.shape and relative_error(out, ref) < 1e-5
+    relu = bsr_conv(x, weight, size, b, stride, padding, relu=True)
+    assert relative_error(relu, torch.relu(ref)) < 1e-5
+
+
+@pytest.mark.parametrize('rows', [1, 37, 200])
+def test_bsr_linear_matches_f_linear(rows):
+    weight = block_weight((48, 128), 16, 0.6)
+    x, b = torch.randn(rows, 128), torch.randn(48)
+    bsr = BlockPattern(16).pack(weight)
+    out = torch.ops.mmsparse.bsr_linear(x, bsr['values'], bsr['col_indices'], bsr['crow_indices'], b)
+    assert relative_error(out, F.linear(x, weight, b)) < 1e-5
+
+
+def test_bsr_threads_and_portable_loop():
+    weight, x = block_weight((64, 64, 3, 3), 16, 0.8), torch.randn(2, 64, 23, 19)
+    ref = F.conv2d(x, weight, None, 2, 1)
+    threads, isa = torch.get_num_threads(), torch.ops.mmsparse.nm_kernel_isa()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(bsr_conv(x, weight, 16, None, 2, 1))
+        torch.ops.mmsparse.nm_kernel_isa(True)
+        portable = bsr_conv(x, weight, 16, None, 2, 1)
+    finally:
+        torch.set_num_threads(threads)
+        torch.ops.mmsparse.nm_kernel_isa(isa == 'portable')
+    assert torch.equal(outs[0], outs[1])
+    assert relative_error(outs[0], ref) < 1e-5 and relative_error(portable, ref) < 1e-5
+
+
+def test_bsr_refuses_bad_blocks():
+    weight = block_weight((16, 32, 3, 3), 16, 0.5)
+    bsr = BlockPattern(16).pack(weight)
+    x = torch.randn(1, 32, 5, 5)
+    with pytest.raises(RuntimeError, match='column block out of range'):
+        torch.ops.mmsparse.bsr_conv2d(x, bsr['values'], bsr['col_indices'] + 100, bsr['crow_indices'], None,
+                                      3, 3, 1, 1, 1)
+    with pytest.raises(RuntimeError, match='block size must divide the input channels'):
+        torch.ops.mmsparse.bsr_conv2d(torch.randn(1, 24, 5, 5), bsr['values'], bsr['col_indices'],
+                                      bsr['crow_indices'], None, 3, 3, 1, 1, 1)

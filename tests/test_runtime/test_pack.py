@@ -9,8 +9,8 @@ from mmsparse.core.ext import kernels_available
 from mmsparse.core.patterns import NMPattern
 from mmsparse.core.spec import FoldSpec
 from mmsparse.export.verify import FOLD_META_KEY, PatternViolationError, checkpoint_specs
-from mmsparse.runtime import (FusedReLU, NMSparseConv2d, NMSparseLinear, PackedLayer, load_packed, pack,
-                              relative_error, tactics, weight_bytes)
+from mmsparse.runtime import (BlockSparseConv2d, FusedReLU, NMSparseConv2d, NMSparseLinear, PackedLayer,
+                              load_packed, pack, relative_error, tactics, weight_bytes)
 from runtime_helpers import nm_weight
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason='mmsparse._ext is not built')
@@ -252,18 +252,20 @@ def test_mmdet_resnet_from_fold_meta():
             assert relative_error(a, b) < 1e-4
 
 
-def test_block_sparse_layer_runs_on_the_csr_kernel():
-    """An SA++ block pattern ('block16@0.7') is verified and packed like any sparse weight."""
+def test_block_sparse_layer():
+    """An SA++ block pattern ('block16@0.7') is verified and packed into BSR blocks."""
     from mmsparse.core.blocks import BlockPattern, expand_block_mask
     model, x = folded_tiny(), torch.randn(1, 3, 16, 16)
     weight = model.conv3.weight.data  # 64x64 view: a 4x4 grid of 16x16 blocks
     keep = torch.zeros(4, 4)
     keep[torch.arange(4), torch.arange(4)] = 1  # 75% of the blocks exactly zero
     model.conv3.weight.data = torch.randn_like(weight) * expand_block_mask(keep, weight.shape, 16)
+    model_weight = model.conv3.weight.data.clone()
     with torch.no_grad():
         ref = model(x)
     packed = pack(model, {'conv3': BlockPattern(16, 0.7)}, example_inputs=x, tactic='sparse')
-    assert packed.conv3.values.numel() == 4 * 16 * 16 and packed.conv3.pattern == 'block16@0.7'
+    assert isinstance(packed.conv3, BlockSparseConv2d) and packed.conv3.values.shape == (4, 16, 16)
+    assert packed.conv3.pattern == 'block16@0.7' and torch.equal(packed.conv3.dense_weight(), model_weight)
     with torch.no_grad():
         assert relative_error(packed(x), ref) < 1e-5
     with pytest.raises(PatternViolationError, match='conv3: 0/16 blocks are exactly zero, 15 required'):
