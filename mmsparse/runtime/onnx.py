@@ -165,6 +165,20 @@ def inference_session(model: ModelLike, threads: Optional[int] = None,
 
 # ------------------------------------------------------------------------------------- rewriting ---
 
+def _constants(graph) -> Dict[str, np.ndarray]:
+    """Constant tensors by name: initializers, ``Constant`` nodes and ``Identity`` of either (the
+    exporter shares equal tensors, e.g. zero biases, through ``Identity``)."""
+    values = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == 'Constant':
+            value = next((a.t for a in node.attribute if a.name == 'value'), None)
+            if value is not None:
+                values[node.output[0]] = value
+        elif node.op_type == 'Identity' and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values
+
+
 def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -331,7 +345,7 @@ def rewrite(model: ModelLike,
     model = onnx.load_from_string(model) if isinstance(model, bytes) else (
         onnx.load(model) if isinstance(model, str) else copy.deepcopy(model))
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
+    inits = _constants(graph)
     consumers: Dict[str, List[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -356,7 +370,7 @@ def rewrite(model: ModelLike,
         if node.op_type == 'MatMul':
             report.reason = 'MatMul is not rewritten'
         elif weight is None or weight.dtype != np.float32 or (bias_name and bias is None):
-            report.reason = 'weight or bias is no float32 initializer'
+            report.reason = 'weight or bias is no float32 constant'
         elif node.op_type == 'Conv':
             geometry, report.reason = _conv_geometry(node, weight)
         else:
@@ -461,5 +475,22 @@ def node_tactics(model: ModelLike) -> Dict[str, str]:
             if entry['tactic'] is not None}
 
 
+def with_session(backend_model, session):
+    """A copy of mmdeploy's ONNX Runtime backend model running ``session`` instead of its own.
+
+    mmdeploy's wrapper builds its session without mmsparse's ops; this keeps its pre- and
+    post-processing and swaps the session (e.g. :func:`inference_session` of a rewritten graph).
+    ``backend_model`` itself is left unchanged.
+    """
+    model = copy.copy(backend_model)
+    model._modules = dict(backend_model._modules)  # own submodule table: the original keeps its wrapper
+    wrapper = copy.copy(backend_model.wrapper)
+    wrapper.sess = session
+    wrapper._input_metas = {i.name: i for i in session.get_inputs()}
+    wrapper.io_binding = session.io_binding()
+    model.wrapper = wrapper
+    return model
+
+
 __all__ = ['CONV_OP', 'DOMAIN', 'LINEAR_OP', 'META_KEY', 'NodeReport', 'RewriteResult', 'inference_session',
-           'node_tactics', 'register_custom_ops', 'rewrite']
+           'node_tactics', 'register_custom_ops', 'rewrite', 'with_session']
