@@ -8,6 +8,10 @@ the forward), and the peak memory of a separate process per config; all as ratio
 
     python tools/benchmark_train.py configs/demo/dense_mask-rcnn_r18_fpn_demo.py \
         configs/demo/maxq_mask-rcnn_r18_1-16_demo.py --iters 20 --out work_dirs/bench
+
+The real R50 configs run on the embedded demo data at a chosen scale and batch (random init, no
+checkpoint), e.g. ``configs/dense_mask-rcnn_r50_fpn_1x_coco.py configs/maxq_mask-rcnn_r50_1-16.py
+--dataset-from configs/_base_/datasets/demo_coco_instance.py --scale 512 --batch-size 2``.
 """
 import argparse
 import json
@@ -17,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from mmengine.config import Config
 from mmengine.runner import Runner
@@ -26,10 +30,12 @@ import mmsparse  # noqa: F401
 from mmsparse.utils import write_json
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+DATA_FLAGS = ('data-root', 'dataset-from', 'scale', 'batch-size')
 
 
-def load_cfg(path: str, work_dir: str, data_root: Optional[str]) -> Config:
-    """The config with no checkpoint loading, no validation and quiet logging."""
+def load_cfg(path: str, work_dir: str, data: argparse.Namespace) -> Config:
+    """The config with no checkpoint loading, no validation and quiet logging; its training data
+    replaced as ``data`` (``--data-root``, ``--dataset-from``, ``--scale``, ``--batch-size``) says."""
     cfg = Config.fromfile(path)
     cfg.load_from = None
     cfg.resume = False
@@ -40,8 +46,15 @@ def load_cfg(path: str, work_dir: str, data_root: Optional[str]) -> Config:
     cfg.default_hooks.checkpoint.interval = 10**6
     cfg.train_dataloader.num_workers = 0
     cfg.train_dataloader.persistent_workers = False
-    if data_root:
-        cfg.train_dataloader.dataset.data_root = data_root.rstrip('/') + '/'
+    if data.dataset_from:
+        cfg.train_dataloader.dataset = Config.fromfile(data.dataset_from).train_dataloader.dataset
+    if data.data_root:
+        cfg.train_dataloader.dataset.data_root = data.data_root.rstrip('/') + '/'
+    if data.batch_size:
+        cfg.train_dataloader.batch_size = data.batch_size
+    for step in cfg.train_dataloader.dataset.pipeline if data.scale else ():
+        if step['type'] == 'Resize':
+            step['scale'] = (data.scale, data.scale)
     for key in ('val_dataloader', 'val_cfg', 'val_evaluator', 'test_dataloader', 'test_cfg',
                 'test_evaluator'):
         cfg.pop(key, None)
@@ -99,11 +112,13 @@ class Stepper:
         return time.perf_counter() - start
 
 
-def peak_memory(path: str, data_root: Optional[str], iters: int) -> Dict[str, float]:
+def peak_memory(path: str, data: argparse.Namespace, iters: int) -> Dict[str, float]:
     """Peak RSS of a fresh process that builds ``path`` and trains ``iters`` steps (MiB)."""
     args = [sys.executable, __file__, path, '--memory-child', '--iters', str(iters)]
-    if data_root:
-        args += ['--data-root', data_root]
+    for flag in DATA_FLAGS:
+        value = getattr(data, flag.replace('-', '_'))
+        if value:
+            args += [f'--{flag}', str(value)]
     out = subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -116,10 +131,10 @@ def _status_mib(field: str) -> float:
     raise KeyError(field)
 
 
-def memory_child(path: str, data_root: Optional[str], iters: int) -> None:
+def memory_child(path: str, data: argparse.Namespace, iters: int) -> None:
     """Peak RSS while training, minus the RSS before the first step (Linux ``VmHWM`` reset)."""
     import tempfile
-    stepper = Stepper(load_cfg(path, tempfile.mkdtemp(), data_root))
+    stepper = Stepper(load_cfg(path, tempfile.mkdtemp(), data))
     before = _status_mib('VmRSS')
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')   # reset the peak-RSS counter (VmHWM) to the current RSS
@@ -150,6 +165,10 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=20, help='measured rounds')
     parser.add_argument('--warmup', type=int, default=3, help='warm-up rounds')
     parser.add_argument('--data-root', help='override the training data root')
+    parser.add_argument('--dataset-from', help="take train_dataloader.dataset from this config "
+                        "(e.g. the demo data's for the R50 configs)")
+    parser.add_argument('--scale', type=int, help='train at SCALE x SCALE (every Resize step)')
+    parser.add_argument('--batch-size', type=int, help='images per training batch')
     parser.add_argument('--out', default='work_dirs/benchmark_train', help='output directory')
     parser.add_argument('--no-memory', action='store_true', help='skip the memory subprocesses')
     parser.add_argument('--quick', action='store_true', help='2 warm-up + 3 rounds (smoke test)')
@@ -158,11 +177,11 @@ def main() -> None:
     if args.quick:
         args.warmup, args.iters = 1, 2
     if args.memory_child:
-        memory_child(args.configs[0], args.data_root, args.iters)
+        memory_child(args.configs[0], args, args.iters)
         return
 
     os.makedirs(args.out, exist_ok=True)
-    steppers = [Stepper(load_cfg(p, osp.join(args.out, f'run{i}'), args.data_root))
+    steppers = [Stepper(load_cfg(p, osp.join(args.out, f'run{i}'), args))
                 for i, p in enumerate(args.configs)]
     times: List[List[float]] = [[] for _ in steppers]
     for round_idx in range(args.warmup + args.iters):
@@ -182,7 +201,7 @@ def main() -> None:
         res['time_ratio'] = res['s_per_iter'] / results[0]['s_per_iter']
     if not args.no_memory:
         for res in results:
-            res.update(peak_memory(res['config'], args.data_root, max(args.iters // 4, 2)))
+            res.update(peak_memory(res['config'], args, max(args.iters // 4, 2)))
         for res in results:
             res['memory_ratio'] = res['train_delta_mib'] / max(results[0]['train_delta_mib'], 1e-9)
 
@@ -197,6 +216,7 @@ def main() -> None:
             line += f' {r["peak_rss_mib"]:9.0f} {r["train_delta_mib"]:10.0f} {r["memory_ratio"]:7.2f}'
         print(line)
     meta = dict(iters=args.iters, warmup=args.warmup, cpu_count=os.cpu_count(),
+                data={flag: getattr(args, flag.replace('-', '_')) for flag in DATA_FLAGS},
                 load_avg=os.getloadavg(), results=results)
     write_json(osp.join(args.out, 'benchmark_train.json'), meta)
     plot(results, osp.join(args.out, 'benchmark_train.png'))

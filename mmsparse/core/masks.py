@@ -85,10 +85,3 @@ def smallest_indices(values: Tensor, k: int) -> Tensor:
     chosen = below.clone()
     chosen[tied] = True
     return chosen.nonzero().flatten()
-
-
-def largest_indices(values: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` largest entries of a 1-D tensor (lower index wins ties)."""
-    if k <= 0:
-        return values.new_empty(0, dtype=torch.long)
-    return torch.sort(values, descending=True, stable=True).indices[:k]

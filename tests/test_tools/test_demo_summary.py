@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import os.path as osp
+import re
 import subprocess
 import sys
 import textwrap
@@ -179,7 +180,8 @@ def test_run_demo_summary_of_all_stages(tmp_path):
     row = list(stage_rows(proc.stdout).values())
     assert len(row) == 5
     assert 'skipped (output exists)' in row[0] and 'no COCO mAP found' in row[0]
-    assert 'ok, 0 s' in row[1] and 'bbox mAP 0.200, segm mAP 0.100' in row[1]
+    # the stub stage's wall time depends on the machine's load: any whole number of seconds
+    assert re.search(r'ok, \d+ s ', row[1]) and 'bbox mAP 0.200, segm mAP 0.100' in row[1]
     assert '19 layers verified (of 21)' in row[3]
     assert 'ONNX Runtime - exported graph in PyTorch: bbox +0.00' in row[4]
     assert 'layers, 19 compressed' in (work / 'logs' / 'verify.log').read_text()
