@@ -283,22 +283,27 @@ void bsr_rows(const Geometry& g, const float* values, const int64_t* col, const 
   const int64_t tiles = (g.positions + kBsrTile - 1) / kBsrTile, out_h = g.positions / g.grid_w;
   const bool vec = use_avx2_fma();
   at::parallel_for(0, g.images * tiles * row_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> w(crow[row_blocks] > 0 ? nnz : 1);
+    std::vector<const float*> w;
     alignas(32) float acc[kBsrRows * kBsrSub];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rb = task % row_blocks, t = task / row_blocks % tiles, n = task / (row_blocks * tiles);
       const int64_t b0 = crow[rb], blocks = crow[rb + 1] - b0;
-      for (int64_t i0 = 0; i0 < B; i0 += kBsrRows) {
-        for (int64_t b = 0; b < blocks; ++b) w[b] = values + ((b0 + b) * B + i0) * B;
-        const float* bs = bias ? bias + rb * B + i0 : nullptr;
-        for (int64_t q0 = t * kBsrTile; q0 < std::min(g.positions, (t + 1) * kBsrTile); q0 += kBsrSub) {
-          const float* base = g.src + n * g.planes * g.channels * g.cstride + q0;
+      // block values from row i0 = 4 * r of each block: w[r * blocks + b]
+      w.resize(B / kBsrRows * blocks);
+      for (int64_t r = 0; r < B / kBsrRows; ++r)
+        for (int64_t b = 0; b < blocks; ++b) w[r * blocks + b] = values + ((b0 + b) * B + r * kBsrRows) * B;
+      // each 24-position sub-tile of input stays in cache for all row groups of the block row
+      for (int64_t q0 = t * kBsrTile; q0 < std::min(g.positions, (t + 1) * kBsrTile); q0 += kBsrSub) {
+        const float* base = g.src + n * g.planes * g.channels * g.cstride + q0;
+        const int64_t len = std::min(kBsrSub, g.positions - q0);
+        for (int64_t r = 0; r < B / kBsrRows; ++r) {
+          const int64_t i0 = r * kBsrRows;
+          const float* bs = bias ? bias + rb * B + i0 : nullptr;
           if (vec) {
-            bsr_tile_avx2(base, offs.data() + b0, w.data(), blocks, B, g.cstride, bs, relu, acc);
+            bsr_tile_avx2(base, offs.data() + b0, w.data() + r * blocks, blocks, B, g.cstride, bs, relu, acc);
           } else {
-            bsr_tile_scalar(base, offs.data() + b0, w.data(), blocks, B, g.cstride, bs, relu, acc);
+            bsr_tile_scalar(base, offs.data() + b0, w.data() + r * blocks, blocks, B, g.cstride, bs, relu, acc);
           }
-          const int64_t len = std::min(kBsrSub, g.positions - q0);
           for (int64_t i = 0; i < kBsrRows; ++i) {  // crop the grid into the output
             float* to = out + (n * rows + rb * B + i0 + i) * out_h * g.out_w;
             for (int64_t k = 0; k < len;) {
