@@ -40,8 +40,8 @@ def load_cfg(path: str, work_dir: str, data: argparse.Namespace) -> Config:
     cfg.load_from = None
     cfg.resume = False
     cfg.work_dir = work_dir
-    cfg.train_cfg.max_iters = 10**6
-    cfg.train_cfg.val_interval = 10**6
+    # an iteration-based loop for every config (the R50 configs train by epoch)
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=10**6, val_interval=10**6)
     cfg.default_hooks.logger.interval = 10**6
     cfg.default_hooks.checkpoint.interval = 10**6
     cfg.train_dataloader.num_workers = 0
