@@ -384,7 +384,8 @@ def rewrite(model: ModelLike,
     unknown = [name for name in forced if name not in {c.node.name for c in candidates}]
     if unknown:
         raise ValueError(f'tactic given for node(s) that are no rewrite candidates: {", ".join(unknown)}')
-    tactic_of = {c.node.name: forced.get(c.node.name, 'auto') if forced else tactic for c in candidates}
+    tactic_of = {c.node.name: tactic if isinstance(tactic, str) else forced.get(c.node.name, 'auto')
+                 for c in candidates}
     if any(t != 'dense' for t in tactic_of.values()):
         ensure_kernels()
     register_custom_ops()
