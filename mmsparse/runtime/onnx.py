@@ -27,7 +27,7 @@ from ..core.blocks import BlockPattern
 from ..core.patterns import NMPattern
 from ..export.onnx import node_layer
 from .layers import TACTICS, ensure_kernels, to_csr
-from .pack import (DEFAULT_CONV_SIZE, DEFAULT_LINEAR_ROWS, RTOL, PatternLike, _median_times,
+from .pack import (DEFAULT_CONV_SIZE, DEFAULT_LINEAR_ROWS, RTOL, PatternLike, median_times,
                    relative_error, resolve_patterns)
 
 DOMAIN = 'ai.onnx.contrib'
@@ -410,7 +410,7 @@ def rewrite(model: ModelLike,
             raise ValueError(f'{cand.node.name} ({cand.report.layer}): custom node differs from the plain '
                              f'node by {err:.2e} (relative) > {RTOL}')
         if chosen == 'auto':
-            timings = _median_times(run, [x], repeats)
+            timings = median_times(run, [x], repeats)
             cand.report.dense_ms, cand.report.sparse_ms = timings['dense'] * 1e3, timings['sparse'] * 1e3
             chosen = 'sparse' if timings['sparse'] < timings['dense'] else 'dense'
         cand.report.tactic = chosen

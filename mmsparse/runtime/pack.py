@@ -120,7 +120,7 @@ def _run(model: nn.Module, example_inputs: ExampleInputs) -> Any:
     return model(*example_inputs)
 
 
-def _median_times(candidates: Dict[str, nn.Module], inputs: List[Tensor], repeats: int) -> Dict[str, float]:
+def median_times(candidates: Dict[str, nn.Module], inputs: List[Tensor], repeats: int) -> Dict[str, float]:
     """Median seconds of each candidate over ``inputs``, repetitions interleaved (order alternating)."""
     times: Dict[str, List[float]] = {key: [] for key in candidates}
     for module in candidates.values():  # warm-up
@@ -322,7 +322,7 @@ def pack(model: nn.Module,
             chosen, timings = tactic_of[name], {}
             if chosen == 'auto':
                 candidates = {t: build(t) for t in TACTICS}
-                timings = _median_times(candidates, inputs or [_default_input(module)], repeats)
+                timings = median_times(candidates, inputs or [_default_input(module)], repeats)
                 chosen = 'sparse' if timings['sparse'] < timings['dense'] else 'dense'
             packed[name] = build(chosen, timings)
             ms = [timings['dense'] * 1e3, timings['sparse'] * 1e3] if timings else []
