@@ -82,7 +82,7 @@ def test_tiny_run_from_8_8_meets_4_4_budget_without_tuning(tmp_path):
     assert ckpt['meta']['cgmq']['within_budget'] and ckpt['meta']['cgmq']['bops'] == final
 
 
-def test_resume_restores_gates_ranges_and_bops_exactly(tmp_path):
+def test_resume_restores_gates_ranges_and_bops_exactly(tmp_path, monkeypatch):
     full = make_runner(tmp_path / 'full', max_iters=20)
     full.train()
     resumed = make_runner(tmp_path / 'resumed', max_iters=20, resume=True,
@@ -98,11 +98,8 @@ def test_resume_restores_gates_ranges_and_bops_exactly(tmp_path):
         calibrated.append(orig(self, runner))
         return calibrated[-1]
 
-    CGMQHook.calibrate = spy
-    try:
-        resumed.train()
-    finally:
-        CGMQHook.calibrate = orig
+    monkeypatch.setattr(CGMQHook, 'calibrate', spy)
+    resumed.train()
     assert calibrated == [0]  # calibration did not rerun on resume
     a, b = full.model.state_dict(), resumed.model.state_dict()
     for key in a:
@@ -162,7 +159,7 @@ def test_resume_from_plain_checkpoint_fails_clearly(tmp_path):
         assert not bool(runner.model.conv1.calibrated)
 
 
-def test_load_from_plain_checkpoint_calibrates(tmp_path):
+def test_load_from_plain_checkpoint_calibrates(tmp_path, monkeypatch):
     """``load_from`` a plain checkpoint: its weights are loaded, gates start at the configured
     widths, and the ranges are calibrated from the loaded weights."""
     _, weights_only, state = _plain_checkpoint(tmp_path)
@@ -180,11 +177,8 @@ def test_load_from_plain_checkpoint_calibrates(tmp_path):
         assert torch.equal(model.conv2.weight_range.detach(), per_channel_max)
         return seen[-1]
 
-    CGMQHook.calibrate = spy
-    try:
-        runner.train()
-    finally:
-        CGMQHook.calibrate = orig
+    monkeypatch.setattr(CGMQHook, 'calibrate', spy)
+    runner.train()
     assert seen == [3] and runner.iter == 2
 
 
