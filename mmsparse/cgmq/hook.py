@@ -240,7 +240,7 @@ class CGMQHook(CompressionHook):
             RuntimeError: naming the missing keys and what to do.
         """
         layers = self.layers(runner)
-        missing = self.missing_state(runner, checkpoint, layers)
+        missing = self.missing_state(checkpoint, layers)
         partial = [n for n, layer in layers
                    if 0 < len(missing.get(n, ())) < len(layer.compression_state)]
         plain = sum(len(missing.get(n, ())) == len(layer.compression_state) for n, layer in layers)

@@ -114,10 +114,11 @@ class CompressionHook(Hook):
                 '(same config and checkpoint on every rank)')
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def missing_state(self, runner, checkpoint: dict,
-                      layers: Optional[Sequence[Tuple[str, nn.Module]]] = None
-                      ) -> Dict[str, List[str]]:
-        """``{layer: [keys]}`` of the declared ``compression_state`` that ``checkpoint`` lacks.
+    @staticmethod
+    def missing_state(checkpoint: dict,
+                      layers: Sequence[Tuple[str, nn.Module]]) -> Dict[str, List[str]]:
+        """``{layer: [keys]}`` of the declared ``compression_state`` of ``layers`` that
+        ``checkpoint`` lacks.
 
         A key counts as missing when the checkpoint lacks it or holds it in another shape (MMEngine
         loads non-strictly and skips such keys with a warning only). ``None`` state (a dense-by-rule
@@ -126,7 +127,7 @@ class CompressionHook(Hook):
         state = checkpoint.get('state_dict', checkpoint)
         state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
         missing = {}
-        for name, layer in self.layers(runner) if layers is None else layers:
+        for name, layer in layers:
             own = layer.state_dict()
             keys = [k for k in layer.compression_state if k in own and (
                 f'{name}.{k}' not in state

@@ -128,7 +128,7 @@ class MaxQHook(CompressionHook):
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Check that mask buffers were really loaded (MMEngine loads non-strictly)."""
-        missing = self.missing_state(runner, checkpoint, self.sparse_layers(runner))
+        missing = self.missing_state(checkpoint, self.sparse_layers(runner))
         self._masks_loaded = not missing
         if not missing:
             return

@@ -288,7 +288,7 @@ class SequentialAttentionHook(CompressionHook):
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Check that supports (and logits) were really loaded (MMEngine loads non-strictly)."""
-        missing = self.missing_state(runner, checkpoint, self.block_layers(runner))
+        missing = self.missing_state(checkpoint, self.block_layers(runner))
         if not missing:
             return
         if self.resuming(runner, checkpoint):
