@@ -9,6 +9,7 @@ On float32 CPU tensors the masks come from the compiled kernel ``torch.ops.mmspa
 for other devices and as the reference the kernel is tested against.
 """
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -55,18 +56,54 @@ def hard_nm_mask_torch(abs_weight: Tensor, n: int, m: int, preserve: float = 0.0
     return from_blocks(hard, abs_weight.shape).contiguous()
 
 
-def hard_nm_mask(weight: Tensor, n: int, m: int, preserve: float = 0.0) -> Tensor:
+def into(value: Tensor, out: Optional[Tensor]) -> Tensor:
+    """``value``, copied into ``out`` when one is given."""
+    if out is None:
+        return value
+    return out.copy_(value)
+
+
+def nm_mask_kernel(weight: Tensor, n: int, m: int, n_dense: int, tau: float, soft: bool,
+                   out: Optional[Tensor] = None) -> Tensor:
+    """``torch.ops.mmsparse.nm_mask`` (float32 CPU ``weight``), written straight into ``out`` when
+    it is a contiguous float32 CPU tensor of the weight's shape (no temporary, no copy).
+
+    A non-finite weight raises ``ValueError`` before ``out`` is written.
+    """
+    if (out is not None and out.device.type == 'cpu' and out.dtype == torch.float32
+            and out.is_contiguous() and out.shape == weight.shape):
+        torch.ops.mmsparse.nm_mask_into(weight, n, m, n_dense, tau, soft, out)
+        return out
+    return into(torch.ops.mmsparse.nm_mask(weight, n, m, n_dense, tau, soft), out)
+
+
+def hard_nm_mask(weight: Tensor, n: int, m: int, preserve: float = 0.0,
+                 out: Optional[Tensor] = None) -> Tensor:
     """Binary mask of ``weight``'s shape keeping the ``n`` largest |w| of every ``m``-block.
 
     The ``floor(preserve·G)`` blocks of smallest L1 norm (summed in float64, so the choice does not
     depend on summation order) stay fully dense: MaxQ's gradual schedule (SPEC §1.2). Raises
-    ``ValueError`` if the weight holds NaN or inf.
+    ``ValueError`` if the weight holds NaN or inf (``out`` is then left as it was). With ``out``
+    the mask is written into it and ``out`` returned.
     """
     weight = weight.detach()
     if use_kernel(weight):
-        return torch.ops.mmsparse.nm_mask(weight, n, m, dense_block_count(weight, m, preserve), 1.0,
-                                          False)
-    return hard_nm_mask_torch(weight.abs(), n, m, preserve).to(weight.dtype)
+        return nm_mask_kernel(weight, n, m, dense_block_count(weight, m, preserve), 1.0, False, out)
+    return into(hard_nm_mask_torch(weight.abs(), n, m, preserve).to(weight.dtype), out)
+
+
+@torch.no_grad()
+def decay_pruned_(grad: Tensor, weight: Tensor, mask: Tensor, decay: float) -> None:
+    """The SR-STE decay in place: ``grad += decay·(1 − clamp(mask, 0, 1))·weight``.
+
+    Contiguous float32 CPU tensors take one compiled pass (``torch.ops.mmsparse.nm_decay_``, the
+    same arithmetic as the tensor ops, bit-identical for masks in ``{0} ∪ [1, ∞)``); anything else
+    runs ``addcmul_``.
+    """
+    if all(use_kernel(t) and t.is_contiguous() for t in (grad, weight, mask)):
+        torch.ops.mmsparse.nm_decay_(grad, weight, mask, decay)
+    else:
+        grad.addcmul_(weight, mask.clamp(0.0, 1.0).neg_().add_(1.0), value=decay)
 
 
 def smallest_indices(values: Tensor, k: int) -> Tensor:

@@ -14,8 +14,15 @@
 // counts the values below the bracket and collects those inside it, std::nth_element finishes on the
 // bracket (on the whole row when the bracket misses). The kernel-axis statistics and the dense
 // blocks come first (one sweep over the weight each); then each output channel is handled while it
-// is in cache: its filter-axis statistics, its hard N:M selection and S where kept. Results do not depend on the number of threads.
+// is in cache: its filter-axis statistics, its hard N:M selection and S (zeros included) written
+// straight into the output. Results do not depend on the number of threads.
+//
+// The bracket sweeps, which are most of the work, run 8 values per AVX2 instruction where the CPU
+// has AVX2 (a compare-and-count, a movemask and a scalar append only for the few values inside the
+// bracket), else a scalar loop; both collect the same values in the same order, so the results are
+// identical. Scratch storage is left uninitialised (every slot read was written first).
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -23,6 +30,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
+#include <string>
 #include <vector>
 
 namespace {
@@ -66,33 +75,136 @@ void bracket_bounds(std::vector<T>& sample, int64_t len, int64_t k, T* lo, T* hi
   }
 }
 
+std::atomic<bool> force_portable{false};  // tests run the scalar sweeps on AVX2 machines too
+
+bool use_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok && !force_portable.load();
+}
+
+// Which sweep runs ("avx2" or "portable"); `portable` true forces the scalar loops (tests).
+std::string nm_mask_isa(c10::optional<bool> portable) {
+  if (portable.has_value()) force_portable.store(*portable);
+  return use_avx2() ? "avx2" : "portable";
+}
+
 // The values of a row inside [lo, hi] and the count below lo: enough to find ranks k and k+1 when
 // below < k and k + 1 <= below + size.
 struct Bracket {
   float lo = 0.0f, hi = 0.0f;
-  int64_t below = 0, size = 0;
-  std::vector<float> inside;
+  int64_t below = 0, size = 0, capacity = 0;
+  std::unique_ptr<float[]> inside;  // uninitialised; the first `size` slots are the values
 
-  // Empty the bracket with room for `count` calls of add() (every call writes one slot and keeps it
-  // only when inside); the storage only grows, so reusing a bracket costs no allocation.
+  // Empty the bracket with room for `count` values; the storage only grows, so reusing a bracket
+  // costs no allocation.
   void reset(int64_t count) {
     below = size = 0;
-    if (static_cast<int64_t>(inside.size()) < count) inside.resize(count);
+    if (capacity < count) {
+      inside.reset(new float[count]);
+      capacity = count;
+    }
   }
 
   inline void add(float v) {
     below += v < lo;
-    inside[size] = v;
-    size += (v >= lo) & (v <= hi);
+    if ((v >= lo) & (v <= hi)) inside[size++] = v;
   }
 
   bool finish(int64_t k, OrderStats* out) {
     const int64_t r = k - below;
     if (r < 1 || r + 1 > size) return false;
-    *out = select_two(inside.data(), size, r);
+    *out = select_two(inside.get(), size, r);
     return true;
   }
 };
+
+constexpr float kMaxFloat = std::numeric_limits<float>::max();
+
+// Brackets of the rows of an interleaved run: value t of [src, src + len) (|.| taken) belongs to
+// brackets[t % period], where src starts a period (period 1: one contiguous row). Returns whether
+// every value was finite.
+bool sweep_portable(const float* src, int64_t len, int64_t period, Bracket* brackets) {
+  bool finite = true;
+  for (int64_t t = 0; t < len;) {
+    for (int64_t pos = 0; pos < period && t < len; ++pos, ++t) {
+      const float a = std::fabs(src[t]);
+      finite &= a <= kMaxFloat;  // false for NaN and inf
+      brackets[pos].add(a);
+    }
+  }
+  return finite;
+}
+
+// The same with 8 values per step: lane l of a step starting at phase r = t % period belongs to
+// bracket (r + l) % period; per-phase bound vectors and counters, the values inside a bracket
+// appended in memory order (as the scalar loop does).
+__attribute__((target("avx2"))) bool sweep_avx2(const float* src, int64_t len, int64_t period,
+                                                 Bracket* brackets) {
+  const int64_t phases = period;  // t % period of a step's first lane takes every value < period
+  std::vector<float> lo(phases * 8), hi(phases * 8);
+  std::vector<int32_t> counts(phases * 8, 0);
+  for (int64_t r = 0; r < phases; ++r) {
+    for (int64_t l = 0; l < 8; ++l) {
+      lo[r * 8 + l] = brackets[(r + l) % period].lo;
+      hi[r * 8 + l] = brackets[(r + l) % period].hi;
+    }
+  }
+  const __m256 sign = _mm256_set1_ps(-0.0f), max = _mm256_set1_ps(kMaxFloat);
+  __m256 finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  alignas(32) float lanes[8];
+  int64_t t = 0, r = 0;
+  for (; t + 8 <= len; t += 8) {
+    const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(src + t));
+    finite = _mm256_and_ps(finite, _mm256_cmp_ps(v, max, _CMP_LE_OQ));
+    const __m256 vlo = _mm256_loadu_ps(lo.data() + r * 8), vhi = _mm256_loadu_ps(hi.data() + r * 8);
+    const __m256 below = _mm256_cmp_ps(v, vlo, _CMP_LT_OQ);
+    __m256i* count = reinterpret_cast<__m256i*>(counts.data() + r * 8);
+    _mm256_storeu_si256(count, _mm256_sub_epi32(_mm256_loadu_si256(count),
+                                                _mm256_castps_si256(below)));
+    int bits = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, vlo, _CMP_GE_OQ),
+                                                _mm256_cmp_ps(v, vhi, _CMP_LE_OQ)));
+    if (bits) {
+      _mm256_store_ps(lanes, v);
+      while (bits) {
+        const int l = __builtin_ctz(bits);
+        Bracket& b = brackets[(r + l) % period];
+        b.inside[b.size++] = lanes[l];
+        bits &= bits - 1;
+      }
+    }
+    r = (r + 8) % period;
+  }
+  for (int64_t q = 0; q < phases; ++q) {
+    for (int64_t l = 0; l < 8; ++l) brackets[(q + l) % period].below += counts[q * 8 + l];
+  }
+  bool all_finite = _mm256_movemask_ps(finite) == 0xff;
+  for (; t < len; ++t, r = (r + 1) % period) {
+    const float a = std::fabs(src[t]);
+    all_finite &= a <= kMaxFloat;
+    brackets[r].add(a);
+  }
+  return all_finite;
+}
+
+// Add |src[t]| to brackets[t % period] for t < len (src starts a period); whether all were finite.
+bool sweep(const float* src, int64_t len, int64_t period, Bracket* brackets) {
+  // the AVX2 sweep counts in int32 per lane: at most len / 8 + 1 values each
+  if (use_avx2() && len / 8 < std::numeric_limits<int32_t>::max()) {
+    return sweep_avx2(src, len, period, brackets);
+  }
+  return sweep_portable(src, len, period, brackets);
+}
+
+// Whether every value of x[0, len) is finite (a parallel read-only pass).
+bool all_finite(const float* x, int64_t len) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, len, 1 << 16, [&](int64_t begin, int64_t end) {
+    uint32_t bad = 0;
+    for (int64_t t = begin; t < end; ++t) bad |= !(std::fabs(x[t]) <= kMaxFloat);
+    if (bad) finite = false;
+  });
+  return finite;
+}
 
 // k-th and (k+1)-th smallest of |row| (contiguous, length len); `bracket` and `sample` are scratch
 // reused across rows.
@@ -105,17 +217,19 @@ OrderStats row_stats(const float* row, int64_t len, int64_t k, Bracket& bracket,
     sample.resize(S);
     for (int64_t i = 0; i < S; ++i) sample[i] = std::fabs(row[i * len / S]);
     bracket_bounds(sample, len, k, &bracket.lo, &bracket.hi);
-    for (int64_t t = 0; t < len; ++t) bracket.add(std::fabs(row[t]));
+    sweep(row, len, 1, &bracket);
     if (bracket.finish(k, &stats)) return stats;
   }
-  float* all = bracket.inside.data();
+  float* all = bracket.inside.get();
   for (int64_t t = 0; t < len; ++t) all[t] = std::fabs(row[t]);
   return select_two(all, len, k);
 }
 
 // Kernel axis: row `pos` is |w[:, :, r, c]| over all O*I weights (stride K in memory). One sweep over
 // the weight fills the brackets of every position, per chunk of output channels; chunks are merged.
-std::vector<OrderStats> kernel_stats(const float* x, int64_t O, int64_t I, int64_t K, int64_t k) {
+// Sets *finite to whether every weight is finite (the statistics are empty when not).
+std::vector<OrderStats> kernel_stats(const float* x, int64_t O, int64_t I, int64_t K, int64_t k,
+                                     bool* finite) {
   const int64_t len = O * I, S = sample_size(len);
   std::vector<Bracket> brackets(K);
   std::vector<float> sample(S);
@@ -124,17 +238,23 @@ std::vector<OrderStats> kernel_stats(const float* x, int64_t O, int64_t I, int64
     bracket_bounds(sample, len, k, &brackets[pos].lo, &brackets[pos].hi);
   }
   const int64_t chunks = std::min<int64_t>(O, 4 * at::get_num_threads());
-  std::vector<std::vector<Bracket>> partial(chunks, brackets);
+  std::vector<std::vector<Bracket>> partial(chunks);
+  std::atomic<bool> chunks_finite{true};
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t o0 = O * c / chunks, o1 = O * (c + 1) / chunks;
       std::vector<Bracket>& mine = partial[c];
-      for (Bracket& b : mine) b.reset((o1 - o0) * I);
-      for (const float* src = x + o0 * I * K; src < x + o1 * I * K; src += K) {
-        for (int64_t pos = 0; pos < K; ++pos) mine[pos].add(std::fabs(src[pos]));
+      mine.resize(K);
+      for (int64_t pos = 0; pos < K; ++pos) {
+        mine[pos].lo = brackets[pos].lo;
+        mine[pos].hi = brackets[pos].hi;
+        mine[pos].reset((o1 - o0) * I);
       }
+      if (!sweep(x + o0 * I * K, (o1 - o0) * I * K, K, mine.data())) chunks_finite = false;
     }
   });
+  *finite = chunks_finite;
+  if (!*finite) return {};
   std::vector<OrderStats> stats(K);
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
     for (int64_t pos = begin; pos < end; ++pos) {
@@ -142,13 +262,13 @@ std::vector<OrderStats> kernel_stats(const float* x, int64_t O, int64_t I, int64
       merged.reset(len);
       for (const auto& part : partial) {
         const Bracket& p = part[pos];
-        std::copy(p.inside.begin(), p.inside.begin() + p.size, merged.inside.begin() + merged.size);
+        std::copy(p.inside.get(), p.inside.get() + p.size, merged.inside.get() + merged.size);
         merged.below += p.below;
         merged.size += p.size;
       }
       if (merged.finish(k, &stats[pos])) continue;
       for (int64_t t = 0; t < len; ++t) merged.inside[t] = std::fabs(x[t * K + pos]);
-      stats[pos] = select_two(merged.inside.data(), len, k);
+      stats[pos] = select_two(merged.inside.get(), len, k);
     }
   });
   return stats;
@@ -205,67 +325,118 @@ std::vector<int64_t> smallest_blocks(const std::vector<BlockSum>& sums, int64_t 
   return chosen;
 }
 
+// totals[pos] = sum over j < m of |slab[j * K + pos]| in double, j ascending (as the scalar loop).
+void block_sums_portable(const float* slab, int64_t m, int64_t K, double* totals) {
+  std::fill(totals, totals + K, 0.0);
+  for (int64_t j = 0; j < m; ++j) {
+    for (int64_t pos = 0; pos < K; ++pos) totals[pos] += std::fabs(slab[j * K + pos]);
+  }
+}
+
+// The same, 4 positions per AVX2 step (the same additions in the same order: identical sums).
+__attribute__((target("avx2"))) void block_sums_avx2(const float* slab, int64_t m, int64_t K,
+                                                      double* totals) {
+  const __m128 sign = _mm_set1_ps(-0.0f);
+  int64_t pos = 0;
+  for (; pos + 4 <= K; pos += 4) {
+    __m256d acc = _mm256_setzero_pd();
+    for (int64_t j = 0; j < m; ++j) {
+      acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm_andnot_ps(sign, _mm_loadu_ps(slab + j * K + pos))));
+    }
+    _mm256_storeu_pd(totals + pos, acc);
+  }
+  for (; pos < K; ++pos) {
+    double acc = 0.0;
+    for (int64_t j = 0; j < m; ++j) acc += std::fabs(slab[j * K + pos]);
+    totals[pos] = acc;
+  }
+}
+
 // Per block (numbered like to_blocks), whether it is among the n_dense blocks of smallest L1 norm
-// (summed in double); empty when n_dense = 0.
+// (summed in double); empty when n_dense = 0. Sets *finite to whether every weight is finite (a
+// block's sum of |w| in double is finite exactly when its weights are).
 std::vector<uint8_t> dense_blocks(const float* x, int64_t O, int64_t I, int64_t K, int64_t m,
-                                  int64_t n_dense) {
+                                  int64_t n_dense, bool* finite) {
   if (n_dense == 0) return {};
   const int64_t L = I * K, groups = I / m, G = O * K * groups;
+  const bool avx2 = use_avx2();
   std::vector<BlockSum> sums(G);
+  std::atomic<bool> sums_finite{true};
   at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> totals(K);
+    bool mine = true;
     for (int64_t o = begin; o < end; ++o) {
       for (int64_t g = 0; g < groups; ++g) {
         const float* slab = x + o * L + g * m * K;
-        std::fill(totals.begin(), totals.end(), 0.0);
-        for (int64_t j = 0; j < m; ++j) {
-          for (int64_t pos = 0; pos < K; ++pos) totals[pos] += std::fabs(slab[j * K + pos]);
+        if (avx2) {
+          block_sums_avx2(slab, m, K, totals.data());
+        } else {
+          block_sums_portable(slab, m, K, totals.data());
         }
         for (int64_t pos = 0; pos < K; ++pos) {
           const int64_t index = (o * K + pos) * groups + g;
+          mine &= std::isfinite(totals[pos]);
           sums[index] = {totals[pos], index};
         }
       }
     }
+    if (!mine) sums_finite = false;
   });
+  *finite = sums_finite;
+  if (!*finite) return {};
   std::vector<uint8_t> dense(G, 0);
   for (const int64_t block : smallest_blocks(sums, n_dense)) dense[block] = 1;
   return dense;
 }
 
-at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense, double tau,
-                   bool soft) {
+// S (soft) or the hard mask H of `weight`, written into `out` (same shape, contiguous float32; every
+// element is written). A non-finite weight is refused before `out` is touched.
+void nm_mask_out(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense, double tau,
+                 bool soft, at::Tensor& out) {
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat,
               "nm_mask: expects a float32 CPU tensor, got ", weight.toString());
   TORCH_CHECK(weight.dim() == 2 || weight.dim() == 4,
               "nm_mask: expects a linear (2-D) or conv (4-D) weight, got ", weight.dim(), "-D");
   TORCH_CHECK(1 <= n && n < m, "nm_mask: invalid N:M pattern ", n, ":", m);
   TORCH_CHECK(tau > 0, "nm_mask: tau must be > 0, got ", tau);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  out.sizes() == weight.sizes(),
+              "nm_mask: out must be a contiguous float32 CPU tensor of the weight's shape ",
+              weight.sizes(), ", got ", out.toString(), " ", out.sizes());
   const at::Tensor w = weight.contiguous();
+  TORCH_CHECK(!w.is_same(out) && w.data_ptr() != out.data_ptr(), "nm_mask: out must not be the weight");
   const int64_t O = w.size(0), I = w.size(1);
   const int64_t K = w.dim() == 4 ? w.size(2) * w.size(3) : 1;
   TORCH_CHECK(I % m == 0, "nm_mask: ", I, " input channels not divisible by M=", m);
   const int64_t L = I * K, groups = I / m, G = O * K * groups;
   TORCH_CHECK(0 <= n_dense && n_dense <= G, "nm_mask: n_dense=", n_dense, " outside [0, ", G, "]");
 
-  at::Tensor out = at::zeros_like(w);
   const float* x = w.data_ptr<float>();
   float* s = out.data_ptr<float>();
+  // the finiteness check rides on the first sweep over all weights, or is a pass of its own
+  bool finite = true, checked = false;
   const bool by_kernel_axis = soft && K > 1;
-  const std::vector<OrderStats> by_kernel =
-      by_kernel_axis ? kernel_stats(x, O, I, K, (m - n) * O * I / m) : std::vector<OrderStats>();
-  const std::vector<uint8_t> dense = dense_blocks(x, O, I, K, m, n_dense);
+  std::vector<OrderStats> by_kernel;
+  if (by_kernel_axis) {
+    by_kernel = kernel_stats(x, O, I, K, (m - n) * O * I / m, &finite);
+    checked = true;
+  }
+  std::vector<uint8_t> dense;
+  if (finite && n_dense > 0) {
+    dense = dense_blocks(x, O, I, K, m, n_dense, &finite);
+    checked = true;
+  }
+  if (!checked) finite = all_finite(x, O * L);
+  TORCH_CHECK_VALUE(finite, "nm_mask: weight holds NaN or inf");
   std::vector<OrderStats> by_filter(soft ? O : 0);
   const float tau_f = static_cast<float>(tau);
 
   // Per output channel, while it is in cache: filter-axis statistics, then per channel group the
   // m x K slab in memory order and per position the kept weights (all of a dense block, else n
-  // passes of "first maximum of what is left"), where S is written.
-  std::atomic<bool> finite{true};
+  // passes of "first maximum of what is left"); the slab's S is zeroed, then written where kept.
   at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> slab(m * K), sample;
     Bracket scratch;
-    bool all_finite = true;
     for (int64_t o = begin; o < end; ++o) {
       if (soft) by_filter[o] = row_stats(x + o * L, L, (m - n) * L / m, scratch, sample);
       auto keep = [&](int64_t t, int64_t pos) {
@@ -279,12 +450,9 @@ at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_den
       };
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t base = o * L + g * m * K;
+        std::fill(s + base, s + base + m * K, 0.0f);
         for (int64_t j = 0; j < m; ++j) {
-          for (int64_t pos = 0; pos < K; ++pos) {
-            const float a = std::fabs(x[base + j * K + pos]);
-            all_finite &= a <= std::numeric_limits<float>::max();  // false for NaN and inf
-            slab[pos * m + j] = a;
-          }
+          for (int64_t pos = 0; pos < K; ++pos) slab[pos * m + j] = std::fabs(x[base + j * K + pos]);
         }
         for (int64_t pos = 0; pos < K; ++pos) {
           if (!dense.empty() && dense[(o * K + pos) * groups + g]) {
@@ -300,10 +468,42 @@ at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_den
         }
       }
     }
-    if (!all_finite) finite = false;
   });
-  TORCH_CHECK_VALUE(finite, "nm_mask: weight holds NaN or inf");
+}
+
+at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense, double tau,
+                   bool soft) {
+  at::Tensor out = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  nm_mask_out(weight, n, m, n_dense, tau, soft, out);
   return out;
+}
+
+void nm_mask_into(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense, double tau,
+                  bool soft, at::Tensor out) {
+  nm_mask_out(weight, n, m, n_dense, tau, soft, out);
+}
+
+// grad += decay * weight * (1 - clamp(mask, 0, 1)), the SR-STE decay in one pass: the arithmetic of
+// torch's grad.addcmul_(weight, 1 - mask.clamp(0, 1), value=decay) (multiplications left to right,
+// no fused multiply-add), without its temporaries.
+void nm_decay_(at::Tensor grad, const at::Tensor& weight, const at::Tensor& mask, double decay) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&grad, &weight, &mask}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "nm_decay_: expects contiguous float32 CPU tensors, got ", t->toString());
+  }
+  TORCH_CHECK(grad.sizes() == weight.sizes() && mask.sizes() == weight.sizes(),
+              "nm_decay_: grad ", grad.sizes(), ", weight ", weight.sizes(), " and mask ",
+              mask.sizes(), " differ in shape");
+  float* g = grad.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float* s = mask.data_ptr<float>();
+  const float d = static_cast<float>(decay);
+  at::parallel_for(0, grad.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float keep = 1.0f - std::min(std::max(s[t], 0.0f), 1.0f);
+      g[t] = g[t] + d * w[t] * keep;
+    }
+  });
 }
 
 }  // namespace
@@ -311,4 +511,8 @@ at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_den
 TORCH_LIBRARY_FRAGMENT(mmsparse, m) {
   m.def("nm_mask(Tensor weight, int n, int m, int n_dense, float tau, bool soft) -> Tensor",
         &nm_mask);
+  m.def("nm_mask_into(Tensor weight, int n, int m, int n_dense, float tau, bool soft, "
+        "Tensor(a!) out) -> ()", &nm_mask_into);
+  m.def("nm_decay_(Tensor(a!) grad, Tensor weight, Tensor mask, float decay) -> ()", &nm_decay_);
+  m.def("nm_mask_isa(bool? portable=None) -> str", &nm_mask_isa);
 }

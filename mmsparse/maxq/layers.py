@@ -6,12 +6,14 @@ added to the plain torch layer is the persistent ``mask`` buffer. Masks are set 
 the layer only applies them. Each method overrides what differs: its mask (:meth:`compute_mask`),
 and for one-shot the gradient and weight masking.
 """
+from typing import Optional
+
 import torch
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from ..core.layers import CompressedConv2d, CompressedLinear, PatternLayer
-from ..core.masks import hard_nm_mask
+from ..core.masks import decay_pruned_, hard_nm_mask
 from ..core.patterns import NMPattern, nm_incompatibility
 from ..core.spec import Dense, FoldSpec
 from ..core.ste import mask_ste
@@ -42,10 +44,11 @@ class NMSparseMixin(PatternLayer):
         self.register_buffer('mask', torch.ones_like(self.weight, requires_grad=False))
         self._mask_key = None
 
-    def compute_mask(self, preserve: float) -> Tensor:
-        """The mask for the current weights at preserve rate ``preserve`` (pure function).
+    def compute_mask(self, preserve: float, out: Optional[Tensor] = None) -> Tensor:
+        """The mask for the current weights at preserve rate ``preserve`` (pure function), written
+        into ``out`` when given.
 
-        Raises ``ValueError`` if the weight holds NaN or inf.
+        Raises ``ValueError`` if the weight holds NaN or inf (``out`` is then left as it was).
         """
         raise NotImplementedError
 
@@ -58,7 +61,7 @@ class NMSparseMixin(PatternLayer):
         """
         key = (preserve, self.weight._version, self.weight.data_ptr())
         if self.is_sparse and key != self._mask_key:
-            self.mask.copy_(self.compute_mask(preserve))
+            self.compute_mask(preserve, out=self.mask)
             self._mask_key = key
 
     def layer_weight(self) -> Tensor:
@@ -73,7 +76,7 @@ class NMSparseMixin(PatternLayer):
         ``decay·(1 − clamp(S, 0, 1))·W``."""
         grad = self.weight.grad
         if grad is not None and self.is_sparse and decay:
-            grad.addcmul_(self.weight, self.mask.clamp(0.0, 1.0).neg_().add_(1.0), value=decay)
+            decay_pruned_(grad, self.weight, self.mask, decay)
 
     def after_step(self) -> None:
         """Runs after the optimizer step (nothing for masks that follow the weights)."""
@@ -97,8 +100,8 @@ class MaxQMixin(NMSparseMixin):
     method = 'maxq'
 
     @torch.no_grad()
-    def compute_mask(self, preserve: float) -> Tensor:  # noqa: D102
-        return maxq_mask(self.weight, self.pattern.n, self.pattern.m, preserve, self.tau)
+    def compute_mask(self, preserve: float, out: Optional[Tensor] = None) -> Tensor:  # noqa: D102
+        return maxq_mask(self.weight, self.pattern.n, self.pattern.m, preserve, self.tau, out)
 
 
 class SRSTEMixin(NMSparseMixin):
@@ -107,8 +110,8 @@ class SRSTEMixin(NMSparseMixin):
     method = 'srste'
 
     @torch.no_grad()
-    def compute_mask(self, preserve: float) -> Tensor:  # noqa: D102
-        return hard_nm_mask(self.weight, self.pattern.n, self.pattern.m, preserve)
+    def compute_mask(self, preserve: float, out: Optional[Tensor] = None) -> Tensor:  # noqa: D102
+        return hard_nm_mask(self.weight, self.pattern.n, self.pattern.m, preserve, out)
 
 
 class OneShotNMMixin(NMSparseMixin):
@@ -119,8 +122,8 @@ class OneShotNMMixin(NMSparseMixin):
     recompute_each_step = False
 
     @torch.no_grad()
-    def compute_mask(self, preserve: float) -> Tensor:  # noqa: D102
-        return hard_nm_mask(self.weight, self.pattern.n, self.pattern.m)
+    def compute_mask(self, preserve: float, out: Optional[Tensor] = None) -> Tensor:  # noqa: D102
+        return hard_nm_mask(self.weight, self.pattern.n, self.pattern.m, out=out)
 
     @torch.no_grad()
     def edit_grad(self, decay: float) -> None:

@@ -12,13 +12,13 @@ On float32 CPU weights the compiled kernel ``torch.ops.mmsparse.nm_mask`` comput
 sweeps (exact selection by bracketing, soft scores only where ``H = 1``); :func:`maxq_mask_torch` is
 the same definition with tensor ops, for other devices and as the kernel's reference.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..core.ext import use_kernel
-from ..core.masks import dense_block_count, hard_nm_mask_torch
+from ..core.masks import dense_block_count, hard_nm_mask_torch, into, nm_mask_kernel
 
 
 def order_stats(rows: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -66,7 +66,8 @@ def maxq_mask_torch(weight: Tensor, n: int, m: int, preserve: float, tau: float 
 
 
 @torch.no_grad()
-def maxq_mask(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01) -> Tensor:
+def maxq_mask(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01,
+              out: Optional[Tensor] = None) -> Tensor:
     """The MaxQ soft mask ``S`` for a conv ``(O, I, kh, kw)`` or linear ``(O, I)`` weight.
 
     Args:
@@ -75,15 +76,16 @@ def maxq_mask(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01
         m (int): Block length (input channels).
         preserve (float): Share of blocks kept fully dense, in ``[0, 1]``.
         tau (float): Sigmoid temperature of the soft scores. Defaults to 0.01.
+        out (Tensor, optional): Where to write ``S`` (the layer's mask buffer: the kernel then
+            writes it in place, without a temporary). Defaults to None.
 
     Returns:
-        Tensor: ``S`` of ``weight``'s shape with values in ``{0} ∪ [1, 3)``.
+        Tensor: ``S`` of ``weight``'s shape with values in ``{0} ∪ [1, 3)`` (``out`` when given).
 
     Raises:
-        ValueError: If the weight holds NaN or inf.
+        ValueError: If the weight holds NaN or inf (``out`` is then left as it was).
     """
     weight = weight.detach()
     if use_kernel(weight):
-        return torch.ops.mmsparse.nm_mask(weight, n, m, dense_block_count(weight, m, preserve), tau,
-                                          True)
-    return maxq_mask_torch(weight, n, m, preserve, tau)
+        return nm_mask_kernel(weight, n, m, dense_block_count(weight, m, preserve), tau, True, out)
+    return into(maxq_mask_torch(weight, n, m, preserve, tau), out)

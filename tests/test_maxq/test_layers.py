@@ -8,6 +8,7 @@ from torch import nn
 
 import mmsparse  # noqa: F401
 from mmsparse.maxq import MaxQConv2d, MaxQLinear, OneShotNMConv2d, SRSTEConv2d
+from mmsparse.maxq.mask import maxq_mask
 
 
 def test_build_through_conv_cfg_and_stem_stays_dense():
@@ -147,3 +148,19 @@ def test_refresh_skips_unchanged_weights_and_follows_optimizer_steps():
     torch.optim.SGD(conv.parameters(), lr=0.1).step()   # in-place update bumps the version
     conv.refresh_mask(0.5)
     assert not (conv.mask == 7.0).any()
+
+
+@pytest.mark.parametrize('contiguous', [True, False])
+def test_decay_edit_equals_the_spec_formula(contiguous):
+    """grad += λ·(1 − clamp(S, 0, 1))·W, element by element (compiled pass and tensor ops)."""
+    from mmsparse.core.masks import decay_pruned_
+    torch.manual_seed(0)
+    w = torch.randn(16, 64, 3, 3)
+    mask = maxq_mask(w, 1, 16, 0.4)
+    grad = torch.randn_like(w)
+    if not contiguous:
+        w, mask, grad = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (w, mask, grad))
+    # pruned (S = 0): grad + λ·W in float32; kept (S >= 1): unchanged
+    expected = torch.where(mask == 0, grad + 2e-4 * w, grad)
+    decay_pruned_(grad, w, mask, 2e-4)
+    assert torch.equal(grad, expected)

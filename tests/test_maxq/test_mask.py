@@ -6,6 +6,7 @@ tensor-op implementation of the same definition. Both are checked against the re
 import pytest
 import torch
 
+from mmsparse.core.ext import kernels_available
 from mmsparse.core.masks import hard_nm_mask, hard_nm_mask_torch
 from mmsparse.maxq.mask import maxq_mask, maxq_mask_torch
 
@@ -164,3 +165,73 @@ def test_non_finite_weight_is_refused_by_every_path(bad):
                lambda: hard_nm_mask(w, 2, 4), lambda: hard_nm_mask_torch(w.abs(), 2, 4)):
         with pytest.raises(ValueError, match='NaN or inf'):
             fn()
+
+
+def _isa(portable=None):
+    """The mask kernel's sweep ("avx2" / "portable"); ``portable`` True forces the scalar one."""
+    assert kernels_available()
+    return torch.ops.mmsparse.nm_mask_isa(portable)
+
+
+@pytest.fixture
+def portable_sweeps():
+    """Run the mask kernel's scalar sweeps (the path of CPUs without AVX2) inside the test."""
+    _isa(True)
+    yield
+    _isa(False)
+
+
+@pytest.mark.parametrize('shape', SHAPES + LARGE_SHAPES + [(48, 96, 5, 5)])
+@pytest.mark.parametrize('preserve', [0.0, 0.37])
+def test_portable_sweeps_match_the_reference(portable_sweeps, shape, preserve):
+    assert _isa() == 'portable'
+    w = torch.randn(shape)
+    torch.testing.assert_close(maxq_mask(w, 1, 16, preserve), _reference(w, 1, 16, preserve),
+                               rtol=0, atol=1e-6)
+    w.view(-1)[::5] = torch.round(w.view(-1)[::5] * 2) / 2  # ties: the tie rule of the tensor ops
+    torch.testing.assert_close(maxq_mask(w, 1, 16, preserve), maxq_mask_torch(w, 1, 16, preserve),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(hard_nm_mask(w, 2, 4, preserve),
+                               hard_nm_mask_torch(w.abs(), 2, 4, preserve), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('shape', [(64, 256, 3, 3), (48, 96, 5, 5), (32, 64, 1, 1), (16, 4096)])
+def test_avx2_and_portable_sweeps_agree_bit_for_bit(shape):
+    w = torch.randn(shape)
+    w.view(-1)[::3] = torch.round(w.view(-1)[::3] * 4) / 4
+    results = []
+    try:
+        for portable in (False, True):
+            _isa(portable)
+            results.append((maxq_mask(w, 1, 16, 0.37), maxq_mask(w, 2, 8, 0.0),
+                            hard_nm_mask(w, 1, 4, 0.9)))
+    finally:
+        _isa(False)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize('fn', [lambda w, out: maxq_mask(w, 1, 16, 0.37, out=out),
+                                lambda w, out: hard_nm_mask(w, 2, 4, 0.37, out=out)],
+                         ids=['maxq', 'hard'])
+def test_mask_written_into_out(fn):
+    w = torch.randn(32, 64, 3, 3)
+    expected = fn(w, None)
+    out = torch.full_like(w, 7.0)
+    assert fn(w, out) is out and torch.equal(out, expected)
+    strided = torch.full((64, 32, 3, 3), 7.0).transpose(0, 1)   # not contiguous: copied into
+    assert fn(w, strided) is strided and torch.equal(strided, expected)
+
+
+@pytest.mark.parametrize('preserve', [0.0, 0.5])
+@pytest.mark.parametrize('shape', [(16, 64, 3, 3), (16, 64, 1, 1), (8, 64)])
+def test_non_finite_weight_leaves_out_untouched(shape, preserve):
+    w = torch.randn(shape)
+    w.view(-1)[-1] = float('nan')   # the last element: every other one would be written first
+    for soft in (True, False):
+        out = torch.full_like(w, 7.0)
+        with pytest.raises(ValueError, match='NaN or inf'):
+            if soft:
+                maxq_mask(w, 1, 16, preserve, out=out)
+            else:
+                hard_nm_mask(w, 1, 16, preserve, out=out)
+        assert bool((out == 7.0).all())
