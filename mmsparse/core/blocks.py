@@ -161,6 +161,26 @@ def expand_block_mask(block_mask: Tensor, shape, size: int) -> Tensor:
     return from_view_2d(matrix, shape).contiguous()
 
 
+def _block_views(weight: Tensor, block_values: Tensor, size: int):
+    """``(weight view, block view)`` that broadcast to ``weight ⊙ expand(block_values)``, or None when
+    a block spans several kernel positions (``size`` not dividing a conv's input channels)."""
+    rows, cols = block_grid(weight.shape, size)
+    if tuple(block_values.shape) != (rows, cols):
+        raise ValueError(f'block tensor {tuple(block_values.shape)} does not match the {rows}x{cols} '
+                         f'grid of shape {tuple(weight.shape)}')
+    if weight.dim() == 2:
+        return (weight.view(rows, size, cols, size) if weight.is_contiguous()
+                else weight.reshape(rows, size, cols, size)), block_values.reshape(rows, 1, cols, 1)
+    o, i, kh, kw = weight.shape
+    if i % size:
+        return None
+    # grid column c = (ky·kw + kx)·(I/B) + i//B  ->  (R, kh, kw, I/B)
+    values = block_values.reshape(rows, kh, kw, i // size).permute(0, 3, 1, 2)
+    shape = (rows, size, i // size, size, kh, kw)
+    return (weight.view(shape) if weight.is_contiguous() else weight.reshape(shape),
+            values.reshape(rows, 1, i // size, 1, kh, kw))
+
+
 def block_multiply(weight: Tensor, block_values: Tensor, size: int) -> Tensor:
     """``weight ⊙ expand_block_mask(block_values)`` without materialising the expanded mask.
 
@@ -168,21 +188,24 @@ def block_multiply(weight: Tensor, block_values: Tensor, size: int) -> Tensor:
     one kernel position, so the ``(R, C)`` block tensor broadcasts over a reshaped weight; this is
     cheaper in forward and backward than :func:`expand_block_mask`. Otherwise it falls back to it.
     """
-    rows, cols = block_grid(weight.shape, size)
-    if tuple(block_values.shape) != (rows, cols):
-        raise ValueError(f'block tensor {tuple(block_values.shape)} does not match the {rows}x{cols} '
-                         f'grid of shape {tuple(weight.shape)}')
-    if weight.dim() == 2:
-        out = weight.reshape(rows, size, cols, size) * block_values.reshape(rows, 1, cols, 1)
-        return out.reshape(weight.shape)
-    o, i, kh, kw = weight.shape
-    if i % size:
+    views = _block_views(weight, block_values, size)
+    if views is None:
         return weight * expand_block_mask(block_values, weight.shape, size)
-    # grid column c = (ky·kw + kx)·(I/B) + i//B  ->  (R, kh, kw, I/B)
-    values = block_values.reshape(rows, kh, kw, i // size).permute(0, 3, 1, 2)
-    out = weight.reshape(rows, size, i // size, size, kh, kw) * values.reshape(
-        rows, 1, i // size, 1, kh, kw)
-    return out.reshape(weight.shape)
+    return (views[0] * views[1]).reshape(weight.shape)
+
+
+@torch.no_grad()
+def block_multiply_(weight: Tensor, block_values: Tensor, size: int) -> Tensor:
+    """In-place :func:`block_multiply` (the same products, one pass, no temporary when ``weight``
+    is contiguous); returns ``weight``."""
+    views = _block_views(weight, block_values, size)
+    if views is None:
+        return weight.mul_(expand_block_mask(block_values, weight.shape, size))
+    if weight.is_contiguous():
+        views[0].mul_(views[1])
+    else:
+        weight.copy_((views[0] * views[1]).reshape(weight.shape))
+    return weight
 
 
 def nonzero_blocks(weight: Tensor, size: int) -> Tensor:

@@ -20,7 +20,7 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from ..core.blocks import (BlockPattern, block_grid, block_incompatibility, block_multiply,
-                           block_norms, expand_block_mask)
+                           block_multiply_, block_norms, expand_block_mask)
 from ..core.layers import CompressedConv2d, CompressedLinear, PatternLayer
 from ..core.masks import smallest_indices
 from ..core.spec import Dense, FoldSpec
@@ -51,6 +51,7 @@ class BlockSparseMixin(PatternLayer):
                               f'{block_size}x{block_size} blocks')
         # Set by the hook from the progress (not persisted: a pure function of the phase).
         self.logits_frozen = False
+        self._pruned_key, self._pruned = None, 0
         if not self.is_sparse:
             self.register_parameter('block_logits', None)
             self.register_buffer('support', None)
@@ -72,8 +73,17 @@ class BlockSparseMixin(PatternLayer):
 
     @property
     def n_pruned(self) -> int:
-        """Number of pruned blocks."""
-        return int((self.support == 0).sum().item()) if self.is_sparse else 0
+        """Number of pruned blocks.
+
+        Counted again only when the support changed (its in-place version counter or storage), so
+        the per-step phase machine does not synchronise on a count per layer.
+        """
+        if not self.is_sparse:
+            return 0
+        key = (self.support._version, self.support.data_ptr())
+        if key != self._pruned_key:
+            self._pruned, self._pruned_key = int((self.support == 0).sum().item()), key
+        return self._pruned
 
     @property
     def block_sparsity(self) -> float:
@@ -147,10 +157,10 @@ class BlockSparseMixin(PatternLayer):
 
     @torch.no_grad()
     def apply_support(self) -> None:
-        """Set pruned weights to exact zero (pruning is hard, as in ACDC; idempotent)."""
+        """Set pruned weights to exact zero (pruning is hard, as in ACDC; idempotent), in place."""
         if self.is_sparse and self.n_pruned:
             keep = (self.support != 0).to(self.weight.dtype)
-            self.weight.copy_(block_multiply(self.weight, keep, self.block_size))
+            block_multiply_(self.weight, keep, self.block_size)
 
     # -- export ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -162,3 +162,26 @@ def test_shared_fold_tool_folds_and_verifies_block_layers():
     plain.load_state_dict(export.fold_state_dict(model)[0])
     x = torch.randn(1, 16, 6, 6)
     torch.testing.assert_close(plain.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('shape', [(32, 64, 3, 3), (32, 8, 4, 4), (32, 64)])
+def test_block_multiply_in_place_equals_the_product(shape):
+    from mmsparse.core.blocks import block_grid, block_multiply, block_multiply_
+    w = torch.randn(shape)
+    values = (torch.rand(block_grid(w.shape, 16)) > 0.5).float()
+    expected = block_multiply(w, values, 16)
+    assert block_multiply_(w, values, 16) is w and torch.equal(w, expected)
+
+
+def test_pruned_count_follows_every_support_change():
+    conv = MagnitudeBlockConv2d(32, 64, 3, padding=1, block_size=16, min_blocks=1)
+    assert conv.n_pruned == 0
+    conv.prune_to(5)
+    assert conv.n_pruned == 5
+    conv.support.view(-1)[-1] = 0          # an in-place edit through a view
+    assert conv.n_pruned == 6
+    conv.load_state_dict({**conv.state_dict(), 'support': torch.ones_like(conv.support)})
+    assert conv.n_pruned == 0
+    conv.release()
+    conv.support.zero_()
+    assert conv.n_pruned == conv.n_blocks
