@@ -11,7 +11,7 @@ from ..core.finite import ADVICE_DIVERGED, ADVICE_LOADED, check_finite, layer_te
 from ..engine.compression_hook import CompressionHook
 from .bops import (bit_histogram, check_budget_args, format_bops_report, full_precision_bops,
                    resolve_budget, total_bops, trace_macs)
-from .layers import CGMQMixin
+from .layers import CGMQMixin, cache_host_states, read_host_states
 from .optim_wrapper import CGMQGradEdit
 from .quantizer import GATED_BITS
 
@@ -131,7 +131,9 @@ class CGMQHook(CompressionHook):
 
     # -- helpers --------------------------------------------------------------------------------
     def _bops(self, runner) -> int:
-        return total_bops(layer for _, layer in self.layers(runner))
+        layers = [layer for _, layer in self.layers(runner)]
+        read_host_states(layers)  # one synchronisation for the gates that changed (within a step)
+        return total_bops(layers)
 
     def _check_finite(self, runner, attrs: Sequence[str], advice: str) -> None:
         """Raise ``FloatingPointError`` naming CGMQ layers whose ``attrs`` hold NaN/inf."""
@@ -287,8 +289,21 @@ class CGMQHook(CompressionHook):
         runner.logger.info(f'CGMQHook: start of training\n'
                            f'{format_bops_report(runner.model, self.budget)}')
 
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        """Read the gates of every layer for this step in one host synchronisation (the forward,
+        the constraint term and the BOPs count then use these copies while the gates are unchanged)."""
+        layers = [layer for _, layer in self.layers(runner)]
+        cache_host_states(layers, True)
+        read_host_states(layers)
+
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         """Log BOPs vs budget; enforce the budget after the last iteration."""
+        try:
+            self._after_step(runner)
+        finally:
+            cache_host_states([layer for _, layer in self.layers(runner)], False)
+
+    def _after_step(self, runner) -> None:
         last, logs = self.is_last(runner), self.logs_now(runner)
         self._check_finite(runner, _FINITE_STATE if logs else _GATES, ADVICE_DIVERGED)
         bops = self._bops(runner)

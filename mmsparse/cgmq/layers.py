@@ -14,7 +14,7 @@ Weights are quantized signed and symmetric; the input activation is quantized pe
 when it is non-negative. ``act_signed=None`` (default) lets :class:`~mmsparse.cgmq.CGMQHook`'s
 calibration decide from the observed minimum; ``True`` / ``False`` fix it in the config.
 """
-from typing import Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from mmengine.registry import MODELS
@@ -23,8 +23,13 @@ from torch import Tensor, nn
 from ..core.layers import CompressedConv2d, CompressedLinear
 from ..core.quant import QuantGrid
 from ..core.spec import FoldSpec, QuantizedLayer
-from .quantizer import (BIT_WIDTHS, bits_from_gates, code_range, gate_values_for_bits,
+from .quantizer import (BIT_WIDTHS, bits_from_states, code_range, gate_values_for_bits,
                         nested_quantize, scales)
+
+
+def _key(tensor: Tensor) -> Tuple[int, int]:
+    """Identifies a tensor's current values: its in-place version counter and its storage."""
+    return tensor._version, tensor.data_ptr()
 
 
 class CGMQMixin(QuantizedLayer):
@@ -59,17 +64,42 @@ class CGMQMixin(QuantizedLayer):
         self.macs: Optional[int] = None
         self._observer: Optional[dict] = None
         self.qdq_export = False
+        # host copies of device state during a training step, keyed on the tensor's version
+        # (see host_state); None outside a step: every read goes to the tensor
+        self._host: Optional[Dict[str, tuple]] = None
 
     # -- bit widths -----------------------------------------------------------------------------
+    def host_state(self, name: str):
+        """The host value of ``'weight_gate'`` / ``'act_gate'`` (bit width) or ``'act_signed'``.
+
+        Inside a training step (:func:`cache_host_states`) it is read from the device only when the
+        tensor changed since the last read (its in-place version: the optimizer step, the greedy
+        reduction), and :func:`read_host_states` reads those of all layers in one
+        synchronisation; outside a step every call reads the tensor.
+        """
+        tensor = getattr(self, name)
+        if self._host is None:
+            return _host_value(name, tensor.detach().flatten().tolist())
+        cached = self._host.get(name)
+        if cached is None or cached[0] != _key(tensor):
+            read_host_states([self])
+            cached = self._host[name]
+        return cached[1]
+
     @property
     def bits_w(self) -> int:
         """Current weight bit width (from the gates)."""
-        return bits_from_gates(self.weight_gate)
+        return self.host_state('weight_gate')
 
     @property
     def bits_a(self) -> int:
         """Current input-activation bit width (32 when activations are not quantized)."""
-        return bits_from_gates(self.act_gate) if self.quant_act else 32
+        return self.host_state('act_gate') if self.quant_act else 32
+
+    @property
+    def signed_input(self) -> bool:
+        """Whether the input range is ``[−β, β]`` (the ``act_signed`` buffer, read once per change)."""
+        return self.host_state('act_signed')
 
     def bops(self) -> int:
         """``MACs · b_w · b_a`` at the current gates (needs :attr:`macs`)."""
@@ -88,7 +118,7 @@ class CGMQMixin(QuantizedLayer):
 
     def quant_weight(self) -> Tensor:
         """The fake-quantized weight (straight-through gradients to weight, range and gates)."""
-        return nested_quantize(self.weight, self._weight_beta(), True, self.weight_gate)
+        return nested_quantize(self.weight, self._weight_beta(), True, self.weight_gate, self.bits_w)
 
     def quant_input(self, x: Tensor) -> Tensor:
         """The fake-quantized input activation."""
@@ -97,7 +127,8 @@ class CGMQMixin(QuantizedLayer):
         if self.qdq_export:
             return self._qdq_input(x)
         # in float32 even under autocast: bf16 cannot hold an 8-bit residual grid
-        x_q = nested_quantize(x.float(), self._act_beta(), bool(self.act_signed), self.act_gate)
+        x_q = nested_quantize(x.float(), self._act_beta(), self.signed_input, self.act_gate,
+                              self.bits_a)
         return x_q.to(x.dtype)
 
     def layer_input(self, x: Tensor) -> Tensor:
@@ -164,10 +195,10 @@ class CGMQMixin(QuantizedLayer):
         act_scale = None
         if self.quant_act:
             beta_a = self._act_beta()
-            span = 2.0 * beta_a if bool(self.act_signed) else beta_a
+            span = 2.0 * beta_a if self.signed_input else beta_a
             act_scale = float(scales(span)[BIT_WIDTHS.index(self.bits_a)])
         grid = QuantGrid(self.bits_w, self.bits_a, tuple(float(v) for v in weight_scale.cpu()),
-                         act_scale, bool(self.act_signed))
+                         act_scale, self.signed_input)
         return FoldSpec(self.method, grid)
 
     @property
@@ -191,7 +222,7 @@ class CGMQMixin(QuantizedLayer):
             w_scale = w_scale.expand(w_q.shape[0]).contiguous()
         act = clip = None
         if self.quant_act:
-            signed = bool(self.act_signed)
+            signed = self.signed_input
             beta = self._act_beta()
             if self.bits_a <= 8:
                 scale = float(scales(2.0 * beta if signed else beta)[BIT_WIDTHS.index(self.bits_a)])
@@ -229,8 +260,43 @@ class CGMQMixin(QuantizedLayer):
         return torch.clamp(x, lo * scale, hi * scale)
 
     def compression_repr(self) -> str:  # noqa: D102
-        act = f'a{self.bits_a}{"s" if bool(self.act_signed) else "u"}' if self.quant_act else 'a-'
+        act = f'a{self.bits_a}{"s" if self.signed_input else "u"}' if self.quant_act else 'a-'
         return f'w{self.bits_w}{act}'
+
+
+_HOST_STATES = ('weight_gate', 'act_gate', 'act_signed')
+
+
+def _host_value(name: str, values: list):
+    """The bit width of gate values, or the flag of ``act_signed``."""
+    return bool(values[0]) if name == 'act_signed' else bits_from_states([v > 0 for v in values])
+
+
+def cache_host_states(layers: Iterable[CGMQMixin], enabled: bool) -> None:
+    """Keep host copies of the gates and ``act_signed`` (``enabled``) or drop them.
+
+    CGMQHook enables them for the span of each training step, so a step reads them once per change
+    instead of once per use.
+    """
+    for layer in layers:
+        layer._host = {} if enabled else None
+
+
+@torch.no_grad()
+def read_host_states(layers: Iterable[CGMQMixin]) -> None:
+    """Refresh the host copies (:func:`cache_host_states`) of the gates and ``act_signed`` of
+    ``layers`` that changed, with one device-to-host copy for all of them."""
+    stale = [(layer, name, getattr(layer, name)) for layer in layers if layer._host is not None
+             for name in _HOST_STATES
+             if layer._host.get(name, (None,))[0] != _key(getattr(layer, name))]
+    if not stale:
+        return
+    values = torch.cat([t.detach().float().flatten() for _, _, t in stale]).tolist()
+    at = 0
+    for layer, name, tensor in stale:
+        size = tensor.numel()
+        layer._host[name] = (_key(tensor), _host_value(name, values[at:at + size]))
+        at += size
 
 
 @MODELS.register_module()

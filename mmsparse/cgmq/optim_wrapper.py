@@ -66,11 +66,11 @@ class CGMQGradEdit:
         self.constraint_active = bops > self.budget
         if not self.constraint_active:
             return
+        squares = [gate.grad.float().pow(2).sum() for layer in layers
+                   for gate, _ in self._gates(layer) if gate.grad is not None]
         sq = 0.0
-        for layer in layers:
-            for gate, _ in self._gates(layer):
-                if gate.grad is not None:
-                    sq += float(gate.grad.float().pow(2).sum())
+        for value in torch.stack(squares).tolist() if squares else ():  # one synchronisation
+            sq += value
         norm = max(math.sqrt(sq), self.min_grad_norm)
         for layer, weight in zip(layers, constraint_directions(layers)):
             for gate, bits in self._gates(layer):

@@ -28,7 +28,7 @@ computed in float64.
 Gates are ``z_b = 1[g_b > 0]`` with a straight-through gradient to ``g_b``; nothing is sampled, so
 training and inference quantize identically.
 """
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -56,9 +56,14 @@ def code_range(bits: int, signed: bool) -> Tuple[int, int]:
 
 def bits_from_gates(gates: Tensor) -> int:
     """Bit width of a tensor: the largest ``b`` whose gate chain ``g4 … g_b`` is all on (at least 2)."""
+    return bits_from_states((gates.detach() > 0).tolist())
+
+
+def bits_from_states(on: Sequence[bool]) -> int:
+    """:func:`bits_from_gates` from the on/off states ``[g4 > 0, g8 > 0, …]`` read off the device."""
     bits = 2
-    for on, b in zip((gates.detach() > 0).tolist(), GATED_BITS):
-        if not on:
+    for state, b in zip(on, GATED_BITS):
+        if not state:
             break
         bits = b
     return bits
@@ -74,10 +79,7 @@ def gate_values_for_bits(bits: int, magnitude: float) -> List[float]:
 
 
 def _clip(x: Tensor, beta: Tensor, signed: bool) -> Tensor:
-    """``clip(x, α, β)`` with ``α = −β`` (signed) or 0."""
-    if beta.numel() == 1:
-        b = float(beta)
-        return x.clamp(-b if signed else 0.0, b)
+    """``clip(x, α, β)`` with ``α = −β`` (signed) or 0 (tensor bounds: nothing read to the host)."""
     return torch.minimum(torch.maximum(x, -beta if signed else torch.zeros_like(beta)), beta)
 
 
@@ -161,9 +163,12 @@ def _quantize_levels(x: Tensor, beta: Tensor, signed: bool, n_on: int,
 
 
 def _forward(ctx, quantize: Callable, x: Tensor, beta: Tensor, gates: Tensor, signed: bool,
-             keep_codes: bool) -> Tensor:
-    """Forward of both quantizer Functions: ``quantize`` gives ``(x_q, codes)``; saves for backward."""
-    n_on = _active_levels(gates)
+             keep_codes: bool, n_on: Optional[int]) -> Tensor:
+    """Forward of both quantizer Functions: ``quantize`` gives ``(x_q, codes)``; saves for backward.
+
+    ``n_on``: the switched-on levels when the caller knows them (read from ``gates`` otherwise).
+    """
+    n_on = _active_levels(gates) if n_on is None else n_on
     x_q, codes = quantize(x, beta, signed, n_on, keep_codes)
     ctx.signed, ctx.n_on = signed, n_on
     ctx.save_for_backward(x, beta, gates, x_q, *codes)
@@ -185,9 +190,9 @@ class _NestedQuantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, beta: Tensor, gates: Tensor, signed: bool,
-                keep_codes: bool) -> Tensor:
-        return _forward(ctx, _quantize_levels, x, beta, gates, signed, keep_codes)
+    def forward(ctx, x: Tensor, beta: Tensor, gates: Tensor, signed: bool, keep_codes: bool,
+                n_on: Optional[int] = None) -> Tensor:
+        return _forward(ctx, _quantize_levels, x, beta, gates, signed, keep_codes, n_on)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -211,7 +216,7 @@ class _NestedQuantize(torch.autograd.Function):
                                   * s[n_on + 1]).sum())
             grad_gates = _gate_grads(torch.stack(per_level), n_on, gates)
         grad_x = grad_in if ctx.needs_input_grad[0] else None
-        return grad_x, grad_beta, grad_gates, None, None
+        return grad_x, grad_beta, grad_gates, None, None, None
 
 
 class _NestedQuantizeKernel(torch.autograd.Function):
@@ -223,10 +228,10 @@ class _NestedQuantizeKernel(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, beta: Tensor, gates: Tensor, signed: bool,
-                keep_codes: bool) -> Tensor:
+    def forward(ctx, x: Tensor, beta: Tensor, gates: Tensor, signed: bool, keep_codes: bool,
+                n_on: Optional[int] = None) -> Tensor:
         return _forward(ctx, torch.ops.mmsparse.nested_quantize_forward, x, beta, gates, signed,
-                        keep_codes)
+                        keep_codes, n_on)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -244,7 +249,7 @@ class _NestedQuantizeKernel(torch.autograd.Function):
             span = 2.0 * beta if ctx.signed else beta
             s = torch.stack(scales(span)).view(len(BIT_WIDTHS), -1)[1:sums.shape[1]]
             grad_gates = _gate_grads((sums[:, 1:] * s.T).sum(0), ctx.n_on, gates)
-        return grad_x if need_x else None, grad_beta, grad_gates, None, None
+        return grad_x if need_x else None, grad_beta, grad_gates, None, None, None
 
 
 def _kernel_applies(x: Tensor, beta: Tensor) -> bool:
@@ -256,7 +261,8 @@ def _kernel_applies(x: Tensor, beta: Tensor) -> bool:
     return x.dim() > 0 and beta.shape == (x.shape[0],) + (1,) * (x.dim() - 1)
 
 
-def nested_quantize(x: Tensor, beta: Tensor, signed: bool, gates: Tensor) -> Tensor:
+def nested_quantize(x: Tensor, beta: Tensor, signed: bool, gates: Tensor,
+                    bits: Optional[int] = None) -> Tensor:
     """Fake-quantize ``x`` with the nested decomposition and gates ``[g4, g8, g16, g32]``.
 
     float32 CPU tensors with β per tensor or per leading channel run the compiled kernel
@@ -267,6 +273,8 @@ def nested_quantize(x: Tensor, beta: Tensor, signed: bool, gates: Tensor) -> Ten
         beta (Tensor): Upper clipping bound, broadcastable to ``x`` (per tensor or per channel), > 0.
         signed (bool): Range ``[−β, β]`` when True, ``[0, β]`` when False.
         gates (Tensor): The four real gate variables ``g4, g8, g16, g32``.
+        bits (int, optional): The width the gates give, when the caller already knows it (the
+            layers cache it per gate version), so the forward reads nothing back from the device.
 
     Returns:
         Tensor: ``x_q`` with straight-through gradients to ``x`` (inside ``[α, β]``, bounds
@@ -275,7 +283,8 @@ def nested_quantize(x: Tensor, beta: Tensor, signed: bool, gates: Tensor) -> Ten
     """
     keep_codes = torch.is_grad_enabled() and gates.requires_grad
     fn = _NestedQuantizeKernel if _kernel_applies(x, beta) else _NestedQuantize
-    return fn.apply(x, beta, gates, signed, keep_codes)
+    return fn.apply(x, beta, gates, signed, keep_codes,
+                    None if bits is None else BIT_WIDTHS.index(bits))
 
 
 def quantize_codes(x: Tensor, beta: Tensor, signed: bool, bits: int) -> Tuple[Tensor, Tensor]:

@@ -45,9 +45,15 @@ def check_finite(weight: Tensor) -> None:
         raise ValueError('weight holds NaN or inf')
 
 
-def hard_nm_mask_torch(abs_weight: Tensor, n: int, m: int, preserve: float = 0.0) -> Tensor:
-    """:func:`hard_nm_mask` with tensor ops, from the magnitudes ``abs_weight``."""
-    check_finite(abs_weight)
+def hard_nm_mask_torch(abs_weight: Tensor, n: int, m: int, preserve: float = 0.0,
+                       checked: bool = False) -> Tensor:
+    """:func:`hard_nm_mask` with tensor ops, from the magnitudes ``abs_weight``.
+
+    ``checked=True``: the caller has verified that the weight is finite (MaxQHook does it for all
+    layers with one host synchronisation), so this call reads nothing back from the device.
+    """
+    if not checked:
+        check_finite(abs_weight)
     blocks = to_blocks(abs_weight, m)
     hard = hard_nm_mask_blocks(blocks, n)
     n_dense = dense_block_count(abs_weight, m, preserve)
@@ -78,18 +84,19 @@ def nm_mask_kernel(weight: Tensor, n: int, m: int, n_dense: int, tau: float, sof
 
 
 def hard_nm_mask(weight: Tensor, n: int, m: int, preserve: float = 0.0,
-                 out: Optional[Tensor] = None) -> Tensor:
+                 out: Optional[Tensor] = None, checked: bool = False) -> Tensor:
     """Binary mask of ``weight``'s shape keeping the ``n`` largest |w| of every ``m``-block.
 
     The ``floor(preserve·G)`` blocks of smallest L1 norm (summed in float64, so the choice does not
     depend on summation order) stay fully dense: MaxQ's gradual schedule (SPEC §1.2). Raises
-    ``ValueError`` if the weight holds NaN or inf (``out`` is then left as it was). With ``out``
-    the mask is written into it and ``out`` returned.
+    ``ValueError`` if the weight holds NaN or inf (``out`` is then left as it was; ``checked``: the
+    caller has checked, see :func:`hard_nm_mask_torch`). With ``out`` the mask is written into it
+    and ``out`` returned.
     """
     weight = weight.detach()
     if use_kernel(weight):
         return nm_mask_kernel(weight, n, m, dense_block_count(weight, m, preserve), 1.0, False, out)
-    return into(hard_nm_mask_torch(weight.abs(), n, m, preserve).to(weight.dtype), out)
+    return into(hard_nm_mask_torch(weight.abs(), n, m, preserve, checked).to(weight.dtype), out)
 
 
 @torch.no_grad()
@@ -109,16 +116,10 @@ def decay_pruned_(grad: Tensor, weight: Tensor, mask: Tensor, decay: float) -> N
 def smallest_indices(values: Tensor, k: int) -> Tensor:
     """Indices (ascending) of the ``k`` smallest entries of a 1-D tensor; lower index wins ties.
 
-    Selection, not sorting: one ``kthvalue`` gives the k-th smallest value ``v``; every entry below
-    ``v`` is taken, then the lowest-index entries equal to ``v`` fill up to ``k``.
+    A stable sort: no value is read back to the host, so on a GPU it runs without synchronising.
     """
     if k <= 0:
         return values.new_empty(0, dtype=torch.long)
     if k >= values.numel():
         return torch.arange(values.numel(), device=values.device)
-    v_k = torch.kthvalue(values, k).values
-    below = values < v_k
-    tied = (values == v_k).nonzero().flatten()[:k - int(below.sum())]
-    chosen = below.clone()
-    chosen[tied] = True
-    return chosen.nonzero().flatten()
+    return torch.argsort(values, stable=True)[:k].sort().values

@@ -3,6 +3,8 @@ from typing import List, Optional, Tuple
 
 from mmengine.registry import HOOKS
 
+from ..core.ext import use_kernel
+from ..core.finite import check_finite, layer_tensors
 from ..core.report import format_report, model_report, overall_sparsity
 from ..engine.compression_hook import CompressionHook
 from .layers import NMSparseMixin
@@ -80,14 +82,20 @@ class MaxQHook(CompressionHook):
         return [(n, m) for n, m in self.layers(runner) if m.is_sparse]
 
     def _refresh(self, runner, preserve: float, first: bool = False) -> None:
-        for name, layer in self.sparse_layers(runner):
-            if first or layer.recompute_each_step:
-                try:
-                    layer.refresh_mask(preserve)
-                except ValueError as err:  # the only one mask computation raises: NaN/inf weights
-                    raise FloatingPointError(
-                        f'MaxQHook: {name}.weight holds NaN or inf at iteration {runner.iter}; '
-                        'refusing to compute an N:M mask from it') from err
+        due = [(name, layer) for name, layer in self.sparse_layers(runner)
+               if (first or layer.recompute_each_step) and not layer.mask_is_current(preserve)]
+        # The compiled CPU kernel checks its weight as it reads it; the weights of the tensor-op
+        # path (GPU) are checked here for all layers with one host synchronisation.
+        tensor_path = [(name, layer) for name, layer in due if not use_kernel(layer.weight)]
+        check_finite('MaxQHook', layer_tensors(tensor_path), runner.iter,
+                     'refusing to compute an N:M mask from it')
+        for name, layer in due:
+            try:
+                layer.refresh_mask(preserve, checked=not use_kernel(layer.weight))
+            except ValueError as err:  # the only one mask computation raises: NaN/inf weights
+                raise FloatingPointError(
+                    f'MaxQHook: {name}.weight holds NaN or inf at iteration {runner.iter}; '
+                    'refusing to compute an N:M mask from it') from err
 
     # -- stages ---------------------------------------------------------------------------------
     def before_train(self, runner) -> None:

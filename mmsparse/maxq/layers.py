@@ -44,25 +44,30 @@ class NMSparseMixin(PatternLayer):
         self.register_buffer('mask', torch.ones_like(self.weight, requires_grad=False))
         self._mask_key = None
 
-    def compute_mask(self, preserve: float, out: Optional[Tensor] = None) -> Tensor:
+    def compute_mask(self, preserve: float, out: Optional[Tensor] = None,
+                     checked: bool = False) -> Tensor:
         """The mask for the current weights at preserve rate ``preserve`` (pure function), written
         into ``out`` when given.
 
-        Raises ``ValueError`` if the weight holds NaN or inf (``out`` is then left as it was).
+        Raises ``ValueError`` if the weight holds NaN or inf (``out`` is then left as it was), unless
+        the caller has ``checked`` it (the tensor-op path then reads nothing back from the device).
         """
         raise NotImplementedError
 
-    @torch.no_grad()
-    def refresh_mask(self, preserve: float) -> None:
-        """Recompute the stored mask from the current weights.
+    def mask_is_current(self, preserve: float) -> bool:
+        """Whether the stored mask belongs to the current weights (their in-place version counter
+        and storage) and ``preserve``, e.g. for frozen stages once the schedule has ended."""
+        return (preserve, self.weight._version, self.weight.data_ptr()) == self._mask_key
 
-        Skipped when neither the weights (their in-place version counter) nor ``preserve`` changed
-        since the last computation, e.g. for frozen stages once the schedule has ended.
+    @torch.no_grad()
+    def refresh_mask(self, preserve: float, checked: bool = False) -> None:
+        """Recompute the stored mask from the current weights, unless :meth:`mask_is_current`.
+
+        ``checked``: the caller has verified that the weight is finite (see :meth:`compute_mask`).
         """
-        key = (preserve, self.weight._version, self.weight.data_ptr())
-        if self.is_sparse and key != self._mask_key:
-            self.compute_mask(preserve, out=self.mask)
-            self._mask_key = key
+        if self.is_sparse and not self.mask_is_current(preserve):
+            self.compute_mask(preserve, out=self.mask, checked=checked)
+            self._mask_key = (preserve, self.weight._version, self.weight.data_ptr())
 
     def layer_weight(self) -> Tensor:
         """``W ⊙ S`` with a straight-through gradient to ``W``."""
@@ -100,8 +105,10 @@ class MaxQMixin(NMSparseMixin):
     method = 'maxq'
 
     @torch.no_grad()
-    def compute_mask(self, preserve: float, out: Optional[Tensor] = None) -> Tensor:  # noqa: D102
-        return maxq_mask(self.weight, self.pattern.n, self.pattern.m, preserve, self.tau, out)
+    def compute_mask(self, preserve: float, out: Optional[Tensor] = None,  # noqa: D102
+                     checked: bool = False) -> Tensor:
+        return maxq_mask(self.weight, self.pattern.n, self.pattern.m, preserve, self.tau, out,
+                         checked)
 
 
 class SRSTEMixin(NMSparseMixin):
@@ -110,8 +117,9 @@ class SRSTEMixin(NMSparseMixin):
     method = 'srste'
 
     @torch.no_grad()
-    def compute_mask(self, preserve: float, out: Optional[Tensor] = None) -> Tensor:  # noqa: D102
-        return hard_nm_mask(self.weight, self.pattern.n, self.pattern.m, preserve, out)
+    def compute_mask(self, preserve: float, out: Optional[Tensor] = None,  # noqa: D102
+                     checked: bool = False) -> Tensor:
+        return hard_nm_mask(self.weight, self.pattern.n, self.pattern.m, preserve, out, checked)
 
 
 class OneShotNMMixin(NMSparseMixin):
@@ -122,8 +130,9 @@ class OneShotNMMixin(NMSparseMixin):
     recompute_each_step = False
 
     @torch.no_grad()
-    def compute_mask(self, preserve: float, out: Optional[Tensor] = None) -> Tensor:  # noqa: D102
-        return hard_nm_mask(self.weight, self.pattern.n, self.pattern.m, out=out)
+    def compute_mask(self, preserve: float, out: Optional[Tensor] = None,  # noqa: D102
+                     checked: bool = False) -> Tensor:
+        return hard_nm_mask(self.weight, self.pattern.n, self.pattern.m, out=out, checked=checked)
 
     @torch.no_grad()
     def edit_grad(self, decay: float) -> None:

@@ -52,10 +52,12 @@ def axis_scores(rows: Tensor, n: int, m: int, tau: float) -> Tensor:
 
 
 @torch.no_grad()
-def maxq_mask_torch(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01) -> Tensor:
-    """:func:`maxq_mask` with tensor ops (any device); the hard mask refuses NaN/inf weights."""
+def maxq_mask_torch(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01,
+                    checked: bool = False) -> Tensor:
+    """:func:`maxq_mask` with tensor ops (any device); the hard mask refuses NaN/inf weights unless
+    the caller has ``checked`` them (then nothing is read back from the device)."""
     abs_w = weight.detach().abs().float()
-    hard = hard_nm_mask_torch(abs_w, n, m, preserve)
+    hard = hard_nm_mask_torch(abs_w, n, m, preserve, checked)
     soft = 1.0 + axis_scores(abs_w.reshape(abs_w.shape[0], -1), n, m, tau).reshape(abs_w.shape)
     if abs_w.dim() == 4 and abs_w.shape[2] * abs_w.shape[3] > 1:
         kh, kw = abs_w.shape[2:]
@@ -67,7 +69,7 @@ def maxq_mask_torch(weight: Tensor, n: int, m: int, preserve: float, tau: float 
 
 @torch.no_grad()
 def maxq_mask(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01,
-              out: Optional[Tensor] = None) -> Tensor:
+              out: Optional[Tensor] = None, checked: bool = False) -> Tensor:
     """The MaxQ soft mask ``S`` for a conv ``(O, I, kh, kw)`` or linear ``(O, I)`` weight.
 
     Args:
@@ -78,6 +80,8 @@ def maxq_mask(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01
         tau (float): Sigmoid temperature of the soft scores. Defaults to 0.01.
         out (Tensor, optional): Where to write ``S`` (the layer's mask buffer: the kernel then
             writes it in place, without a temporary). Defaults to None.
+        checked (bool): The caller has verified that the weight is finite (tensor-op path only:
+            the kernel checks as it goes). Defaults to False.
 
     Returns:
         Tensor: ``S`` of ``weight``'s shape with values in ``{0} ∪ [1, 3)`` (``out`` when given).
@@ -88,4 +92,4 @@ def maxq_mask(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01
     weight = weight.detach()
     if use_kernel(weight):
         return nm_mask_kernel(weight, n, m, dense_block_count(weight, m, preserve), tau, True, out)
-    return into(maxq_mask_torch(weight, n, m, preserve, tau), out)
+    return into(maxq_mask_torch(weight, n, m, preserve, tau, checked), out)

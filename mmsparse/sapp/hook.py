@@ -214,8 +214,8 @@ class SequentialAttentionHook(CompressionHook):
             # weights pruned during the step just taken stay exactly 0 (momentum, weight decay)
             layer.apply_support()
             if phase.kind == 'dense':
-                revived = layer.release()
-                if revived.any():
+                if layer.n_pruned:  # (a cached count: no host synchronisation per layer and step)
+                    revived = layer.release()
                     optimizers = optimizers if optimizers is not None else self._optimizers(runner)
                     self.reset_optimizer_state(optimizers, layer.weight, revived)
             else:

@@ -139,9 +139,9 @@ class BlockSparseMixin(PatternLayer):
         extra = n_pruned - self.n_pruned
         if extra <= 0:
             return 0
-        scores = self.block_scores().flatten().clone().double()
         flat = self.support.view(-1)
-        scores[flat == 0] = math.inf
+        scores = self.block_scores().flatten().to(torch.float64, copy=True).masked_fill_(flat == 0,
+                                                                              math.inf)
         flat[smallest_indices(scores, extra)] = 0
         self.apply_support()
         return extra
