@@ -62,6 +62,15 @@ def hard_nm_mask_torch(abs_weight: Tensor, n: int, m: int, preserve: float = 0.0
     return from_blocks(hard, abs_weight.shape).contiguous()
 
 
+#: the largest block length the compiled mask kernel takes (longer blocks run the tensor ops)
+KERNEL_MAX_M = 32
+
+
+def mask_kernel_applies(weight: Tensor, m: int) -> bool:
+    """Whether ``torch.ops.mmsparse.nm_mask`` serves ``weight`` with blocks of ``m``."""
+    return use_kernel(weight) and m <= KERNEL_MAX_M
+
+
 def into(value: Tensor, out: Optional[Tensor]) -> Tensor:
     """``value``, copied into ``out`` when one is given."""
     if out is None:
@@ -94,7 +103,7 @@ def hard_nm_mask(weight: Tensor, n: int, m: int, preserve: float = 0.0,
     and ``out`` returned.
     """
     weight = weight.detach()
-    if use_kernel(weight):
+    if mask_kernel_applies(weight, m):
         return nm_mask_kernel(weight, n, m, dense_block_count(weight, m, preserve), 1.0, False, out)
     return into(hard_nm_mask_torch(weight.abs(), n, m, preserve, checked).to(weight.dtype), out)
 

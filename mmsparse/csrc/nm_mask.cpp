@@ -49,7 +49,7 @@ OrderStats select_two(float* values, int64_t size, int64_t k) {
 
 constexpr int64_t kSampleEvery = 16;      // one sample value per 16 row values
 constexpr int64_t kMaxSample = 4096;
-constexpr int64_t kMinBracketRow = 2048;  // shorter rows: nth_element on the whole row
+constexpr int64_t kMinBracketRow = 512;  // shorter rows: nth_element on the whole row
 
 inline int64_t sample_size(int64_t len) { return std::min(kMaxSample, len / kSampleEvery); }
 
@@ -274,6 +274,80 @@ std::vector<OrderStats> kernel_stats(const float* x, int64_t O, int64_t I, int64
   return stats;
 }
 
+// Bit j set for the n largest of v_j = |src[j * stride]|, j < m (n passes of "first maximum of what
+// is left": the lower j wins ties).
+uint32_t select_portable(const float* src, int64_t stride, int64_t m, int64_t n) {
+  float block[32];
+  for (int64_t j = 0; j < m; ++j) block[j] = std::fabs(src[j * stride]);
+  uint32_t bits = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t j = std::max_element(block, block + m) - block;
+    bits |= 1u << j;
+    block[j] = -1.0f;
+  }
+  return bits;
+}
+
+// select_portable for 8 lanes at once: lane l reads src[j * stride + l]. A strict "greater than"
+// in ascending j keeps the first maximum; chosen values are replaced by -1 in later passes, as the
+// scalar loop does, so the bits are the same.
+__attribute__((target("avx2"))) void select_lanes_avx2(const float* src, int64_t stride, int64_t m,
+                                                        int64_t n, uint32_t* chosen) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), taken_value = _mm256_set1_ps(-1.0f);
+  const __m256i one = _mm256_set1_epi32(1);
+  __m256i bits = _mm256_setzero_si256();
+  for (int64_t t = 0; t < n; ++t) {
+    __m256 best = taken_value;
+    __m256i index = _mm256_setzero_si256();
+    for (int64_t j = 0; j < m; ++j) {
+      __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(src + j * stride));
+      const __m256i bit = _mm256_set1_epi32(static_cast<int32_t>(1u << j));
+      const __m256i taken = _mm256_cmpeq_epi32(_mm256_and_si256(bits, bit), bit);
+      v = _mm256_blendv_ps(v, taken_value, _mm256_castsi256_ps(taken));
+      const __m256 greater = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+      best = _mm256_blendv_ps(best, v, greater);
+      index = _mm256_blendv_epi8(index, _mm256_set1_epi32(static_cast<int32_t>(j)),
+                                 _mm256_castps_si256(greater));
+    }
+    bits = _mm256_or_si256(bits, _mm256_sllv_epi32(one, index));
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(chosen), bits);
+}
+
+// chosen[g * K + pos]: the kept channels (bits j) of every block of one output channel's row
+// (row[g * m * K + j * K + pos]). With AVX2, 8 blocks per step: 8 positions of a group when K >= 8
+// (the last step of a group overlapping the previous one), else 8 consecutive blocks gathered
+// into `lanes` (m x 8 values); the rest one block at a time.
+void select_row(const float* row, int64_t groups, int64_t m, int64_t K, int64_t n, bool avx2,
+                uint32_t* chosen, float* lanes) {
+  const int64_t blocks = groups * K;
+  if (avx2 && K >= 8) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* slab = row + g * m * K;
+      for (int64_t p0 = 0; p0 < K; p0 += 8) {
+        const int64_t p = std::min(p0, K - 8);
+        select_lanes_avx2(slab + p, K, m, n, chosen + g * K + p);
+      }
+    }
+    return;
+  }
+  int64_t q0 = 0;
+  if (avx2 && blocks >= 8) {
+    for (; q0 < blocks; q0 += 8) {
+      const int64_t q = std::min(q0, blocks - 8);
+      for (int64_t l = 0; l < 8; ++l) {
+        const float* block = row + ((q + l) / K) * m * K + (q + l) % K;
+        for (int64_t j = 0; j < m; ++j) lanes[j * 8 + l] = block[j * K];
+      }
+      select_lanes_avx2(lanes, 8, m, n, chosen + q);
+    }
+    return;
+  }
+  for (int64_t q = 0; q < blocks; ++q) {
+    chosen[q] = select_portable(row + (q / K) * m * K + q % K, K, m, n);
+  }
+}
+
 inline float soft_score(float a, const OrderStats& s, float tau) {
   if (a < s.v_k1) return 0.0f;
   const float threshold = 0.5f * (s.v_k + s.v_k1);
@@ -398,6 +472,7 @@ void nm_mask_out(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense
   TORCH_CHECK(weight.dim() == 2 || weight.dim() == 4,
               "nm_mask: expects a linear (2-D) or conv (4-D) weight, got ", weight.dim(), "-D");
   TORCH_CHECK(1 <= n && n < m, "nm_mask: invalid N:M pattern ", n, ":", m);
+  TORCH_CHECK(m <= 32, "nm_mask: blocks of at most 32 channels, got M=", m);
   TORCH_CHECK(tau > 0, "nm_mask: tau must be > 0, got ", tau);
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
                   out.sizes() == weight.sizes(),
@@ -431,11 +506,13 @@ void nm_mask_out(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense
   std::vector<OrderStats> by_filter(soft ? O : 0);
   const float tau_f = static_cast<float>(tau);
 
-  // Per output channel, while it is in cache: filter-axis statistics, then per channel group the
-  // m x K slab in memory order and per position the kept weights (all of a dense block, else n
-  // passes of "first maximum of what is left"); the slab's S is zeroed, then written where kept.
+  // Per output channel, while it is in cache: filter-axis statistics, the kept channels of every
+  // block (select_row), then per channel group the m x K slab of S: zeroed, then written where
+  // kept (all of a dense block, else the selected channels).
+  const bool avx2 = use_avx2();
   at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> slab(m * K), sample;
+    std::vector<float> sample, lanes(m * 8);
+    std::vector<uint32_t> chosen(groups * K);
     Bracket scratch;
     for (int64_t o = begin; o < end; ++o) {
       if (soft) by_filter[o] = row_stats(x + o * L, L, (m - n) * L / m, scratch, sample);
@@ -448,22 +525,17 @@ void nm_mask_out(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense
         }
         s[t] = value;
       };
+      select_row(x + o * L, groups, m, K, n, avx2, chosen.data(), lanes.data());
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t base = o * L + g * m * K;
         std::fill(s + base, s + base + m * K, 0.0f);
-        for (int64_t j = 0; j < m; ++j) {
-          for (int64_t pos = 0; pos < K; ++pos) slab[pos * m + j] = std::fabs(x[base + j * K + pos]);
-        }
         for (int64_t pos = 0; pos < K; ++pos) {
           if (!dense.empty() && dense[(o * K + pos) * groups + g]) {
             for (int64_t j = 0; j < m; ++j) keep(base + j * K + pos, pos);
             continue;
           }
-          float* block = slab.data() + pos * m;
-          for (int64_t t = 0; t < n; ++t) {
-            const int64_t j = std::max_element(block, block + m) - block;
-            keep(base + j * K + pos, pos);
-            block[j] = -1.0f;
+          for (uint32_t bits = chosen[g * K + pos]; bits; bits &= bits - 1) {
+            keep(base + __builtin_ctz(bits) * K + pos, pos);
           }
         }
       }

@@ -3,8 +3,8 @@ from typing import List, Optional, Tuple
 
 from mmengine.registry import HOOKS
 
-from ..core.ext import use_kernel
 from ..core.finite import check_finite, layer_tensors
+from ..core.masks import mask_kernel_applies
 from ..core.report import format_report, model_report, overall_sparsity
 from ..engine.compression_hook import CompressionHook
 from .layers import NMSparseMixin
@@ -86,12 +86,13 @@ class MaxQHook(CompressionHook):
                if (first or layer.recompute_each_step) and not layer.mask_is_current(preserve)]
         # The compiled CPU kernel checks its weight as it reads it; the weights of the tensor-op
         # path (GPU) are checked here for all layers with one host synchronisation.
-        tensor_path = [(name, layer) for name, layer in due if not use_kernel(layer.weight)]
+        kernel = {name: mask_kernel_applies(layer.weight, layer.pattern.m) for name, layer in due}
+        tensor_path = [(name, layer) for name, layer in due if not kernel[name]]
         check_finite('MaxQHook', layer_tensors(tensor_path), runner.iter,
                      'refusing to compute an N:M mask from it')
         for name, layer in due:
             try:
-                layer.refresh_mask(preserve, checked=not use_kernel(layer.weight))
+                layer.refresh_mask(preserve, checked=not kernel[name])
             except ValueError as err:  # the only one mask computation raises: NaN/inf weights
                 raise FloatingPointError(
                     f'MaxQHook: {name}.weight holds NaN or inf at iteration {runner.iter}; '

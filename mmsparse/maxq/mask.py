@@ -17,8 +17,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..core.ext import use_kernel
-from ..core.masks import dense_block_count, hard_nm_mask_torch, into, nm_mask_kernel
+from ..core.masks import (dense_block_count, hard_nm_mask_torch, into, mask_kernel_applies,
+                          nm_mask_kernel)
 
 
 def order_stats(rows: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -90,6 +90,6 @@ def maxq_mask(weight: Tensor, n: int, m: int, preserve: float, tau: float = 0.01
         ValueError: If the weight holds NaN or inf (``out`` is then left as it was).
     """
     weight = weight.detach()
-    if use_kernel(weight):
+    if mask_kernel_applies(weight, m):
         return nm_mask_kernel(weight, n, m, dense_block_count(weight, m, preserve), tau, True, out)
     return into(maxq_mask_torch(weight, n, m, preserve, tau, checked), out)
