@@ -135,15 +135,47 @@ bool sweep_portable(const float* src, int64_t len, int64_t period, Bracket* brac
   return finite;
 }
 
-// The same with 8 values per step: lane l of a step starting at phase r = t % period belongs to
-// bracket (r + l) % period; per-phase bound vectors and counters, the values inside a bracket
-// appended in memory order (as the scalar loop does).
+// One contiguous row (period 1) with 8 values per step: bounds and counter in registers.
+__attribute__((target("avx2"))) bool sweep_row_avx2(const float* src, int64_t len, Bracket& b) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), max = _mm256_set1_ps(kMaxFloat);
+  const __m256 vlo = _mm256_set1_ps(b.lo), vhi = _mm256_set1_ps(b.hi);
+  __m256 finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  __m256i count = _mm256_setzero_si256();
+  alignas(32) float lanes[8];
+  int64_t t = 0;
+  for (; t + 8 <= len; t += 8) {
+    const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(src + t));
+    finite = _mm256_and_ps(finite, _mm256_cmp_ps(v, max, _CMP_LE_OQ));
+    count = _mm256_sub_epi32(count, _mm256_castps_si256(_mm256_cmp_ps(v, vlo, _CMP_LT_OQ)));
+    int bits = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, vlo, _CMP_GE_OQ),
+                                                _mm256_cmp_ps(v, vhi, _CMP_LE_OQ)));
+    if (bits) {
+      _mm256_store_ps(lanes, v);
+      for (; bits; bits &= bits - 1) b.inside[b.size++] = lanes[__builtin_ctz(bits)];
+    }
+  }
+  alignas(32) int32_t counts[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(counts), count);
+  for (int l = 0; l < 8; ++l) b.below += counts[l];
+  bool all_finite = _mm256_movemask_ps(finite) == 0xff;
+  for (; t < len; ++t) {
+    const float a = std::fabs(src[t]);
+    all_finite &= a <= kMaxFloat;
+    b.add(a);
+  }
+  return all_finite;
+}
+
+constexpr int64_t kMaxPeriod = 64;  // kernel positions the interleaved AVX2 sweep takes (8 x 8)
+
+// The same with 8 values per step for an interleaved run: lane l of a step starting at phase
+// r = t % period belongs to bracket (r + l) % period; per-phase bound vectors and counters, the
+// values inside a bracket appended in memory order (as the scalar loop does).
 __attribute__((target("avx2"))) bool sweep_avx2(const float* src, int64_t len, int64_t period,
                                                  Bracket* brackets) {
-  const int64_t phases = period;  // t % period of a step's first lane takes every value < period
-  std::vector<float> lo(phases * 8), hi(phases * 8);
-  std::vector<int32_t> counts(phases * 8, 0);
-  for (int64_t r = 0; r < phases; ++r) {
+  alignas(32) float lo[kMaxPeriod * 8], hi[kMaxPeriod * 8];
+  alignas(32) int32_t counts[kMaxPeriod * 8] = {};
+  for (int64_t r = 0; r < period; ++r) {
     for (int64_t l = 0; l < 8; ++l) {
       lo[r * 8 + l] = brackets[(r + l) % period].lo;
       hi[r * 8 + l] = brackets[(r + l) % period].hi;
@@ -156,25 +188,23 @@ __attribute__((target("avx2"))) bool sweep_avx2(const float* src, int64_t len, i
   for (; t + 8 <= len; t += 8) {
     const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(src + t));
     finite = _mm256_and_ps(finite, _mm256_cmp_ps(v, max, _CMP_LE_OQ));
-    const __m256 vlo = _mm256_loadu_ps(lo.data() + r * 8), vhi = _mm256_loadu_ps(hi.data() + r * 8);
-    const __m256 below = _mm256_cmp_ps(v, vlo, _CMP_LT_OQ);
-    __m256i* count = reinterpret_cast<__m256i*>(counts.data() + r * 8);
-    _mm256_storeu_si256(count, _mm256_sub_epi32(_mm256_loadu_si256(count),
-                                                _mm256_castps_si256(below)));
+    const __m256 vlo = _mm256_load_ps(lo + r * 8), vhi = _mm256_load_ps(hi + r * 8);
+    __m256i* count = reinterpret_cast<__m256i*>(counts + r * 8);
+    _mm256_store_si256(count, _mm256_sub_epi32(_mm256_load_si256(count),
+                                               _mm256_castps_si256(_mm256_cmp_ps(v, vlo, _CMP_LT_OQ))));
     int bits = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, vlo, _CMP_GE_OQ),
                                                 _mm256_cmp_ps(v, vhi, _CMP_LE_OQ)));
     if (bits) {
       _mm256_store_ps(lanes, v);
-      while (bits) {
+      for (; bits; bits &= bits - 1) {
         const int l = __builtin_ctz(bits);
         Bracket& b = brackets[(r + l) % period];
         b.inside[b.size++] = lanes[l];
-        bits &= bits - 1;
       }
     }
     r = (r + 8) % period;
   }
-  for (int64_t q = 0; q < phases; ++q) {
+  for (int64_t q = 0; q < period; ++q) {
     for (int64_t l = 0; l < 8; ++l) brackets[(q + l) % period].below += counts[q * 8 + l];
   }
   bool all_finite = _mm256_movemask_ps(finite) == 0xff;
@@ -188,9 +218,10 @@ __attribute__((target("avx2"))) bool sweep_avx2(const float* src, int64_t len, i
 
 // Add |src[t]| to brackets[t % period] for t < len (src starts a period); whether all were finite.
 bool sweep(const float* src, int64_t len, int64_t period, Bracket* brackets) {
-  // the AVX2 sweep counts in int32 per lane: at most len / 8 + 1 values each
+  // the AVX2 sweeps count in int32 per lane: at most len / 8 + 1 values each
   if (use_avx2() && len / 8 < std::numeric_limits<int32_t>::max()) {
-    return sweep_avx2(src, len, period, brackets);
+    if (period == 1) return sweep_row_avx2(src, len, *brackets);
+    if (period <= kMaxPeriod) return sweep_avx2(src, len, period, brackets);
   }
   return sweep_portable(src, len, period, brackets);
 }
@@ -354,6 +385,33 @@ inline float soft_score(float a, const OrderStats& s, float tau) {
   return 1.0f / (1.0f + std::exp(-((a - threshold) / tau)));
 }
 
+// The slab of S as if every weight of it were kept, 8 values per step: 1 where |w| is below both
+// axes' v_(k+1) (both soft scores are 0, as in soft_score), and the offsets of the other values in
+// `fix` for the scalar soft_score (as are the last len % 8 values), so every value written equals the
+// scalar path's. k_tab[r * 8 + l] is the kernel-axis v_(k+1) of lane l of a step starting at
+// position r (nullptr without a kernel axis). Returns the number of offsets.
+__attribute__((target("avx2"))) int64_t kept_slab_avx2(const float* x, float* s, int64_t len,
+                                                        int64_t K, float filter_k1,
+                                                        const float* k_tab, int32_t* fix) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+  const __m256 vf = _mm256_set1_ps(filter_k1);
+  int64_t count = 0, t = 0, r = 0;
+  for (; t + 8 <= len; t += 8) {
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + t));
+    __m256 scored = _mm256_cmp_ps(a, vf, _CMP_GE_OQ);
+    if (k_tab != nullptr) {
+      scored = _mm256_or_ps(scored, _mm256_cmp_ps(a, _mm256_loadu_ps(k_tab + r * 8), _CMP_GE_OQ));
+    }
+    _mm256_storeu_ps(s + t, one);
+    for (int bits = _mm256_movemask_ps(scored); bits; bits &= bits - 1) {
+      fix[count++] = static_cast<int32_t>(t + __builtin_ctz(bits));
+    }
+    r = (r + 8) % K;
+  }
+  for (; t < len; ++t) fix[count++] = static_cast<int32_t>(t);
+  return count;
+}
+
 struct BlockSum {
   double sum;
   int64_t index;
@@ -510,9 +568,14 @@ void nm_mask_out(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense
   // block (select_row), then per channel group the m x K slab of S: zeroed, then written where
   // kept (all of a dense block, else the selected channels).
   const bool avx2 = use_avx2();
+  std::vector<float> k_tab;  // kernel-axis v_(k+1) per (step phase, lane), see kept_slab_avx2
+  for (int64_t r = 0; by_kernel_axis && r < K; ++r) {
+    for (int64_t l = 0; l < 8; ++l) k_tab.push_back(by_kernel[(r + l) % K].v_k1);
+  }
   at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sample, lanes(m * 8);
     std::vector<uint32_t> chosen(groups * K);
+    std::vector<int32_t> fix(m * K);
     Bracket scratch;
     for (int64_t o = begin; o < end; ++o) {
       if (soft) by_filter[o] = row_stats(x + o * L, L, (m - n) * L / m, scratch, sample);
@@ -528,6 +591,24 @@ void nm_mask_out(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense
       select_row(x + o * L, groups, m, K, n, avx2, chosen.data(), lanes.data());
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t base = o * L + g * m * K;
+        const uint8_t* dense_at = dense.empty() ? nullptr : dense.data() + o * K * groups + g;
+        bool any_dense = false;
+        for (int64_t pos = 0; dense_at != nullptr && pos < K; ++pos) any_dense |= dense_at[pos * groups];
+        if (soft && avx2 && any_dense) {
+          // S of the whole slab as if kept (vectorised), then the unselected weights of the
+          // N:M blocks set to 0
+          const int64_t count = kept_slab_avx2(x + base, s + base, m * K, K, by_filter[o].v_k1,
+                                               by_kernel_axis ? k_tab.data() : nullptr, fix.data());
+          for (int64_t i = 0; i < count; ++i) keep(base + fix[i], fix[i] % K);
+          for (int64_t pos = 0; pos < K; ++pos) {
+            if (dense_at[pos * groups]) continue;
+            const uint32_t bits = chosen[g * K + pos];
+            for (int64_t j = 0; j < m; ++j) {
+              if (!(bits >> j & 1u)) s[base + j * K + pos] = 0.0f;
+            }
+          }
+          continue;
+        }
         std::fill(s + base, s + base + m * K, 0.0f);
         for (int64_t pos = 0; pos < K; ++pos) {
           if (!dense.empty() && dense[(o * K + pos) * groups + g]) {

@@ -235,3 +235,12 @@ def test_non_finite_weight_leaves_out_untouched(shape, preserve):
             else:
                 hard_nm_mask(w, 1, 16, preserve, out=out)
         assert bool((out == 7.0).all())
+
+
+def test_blocks_longer_than_32_channels_run_the_tensor_ops():
+    w = torch.randn(8, 128, 3, 3)
+    with pytest.raises(RuntimeError, match='at most 32 channels'):
+        torch.ops.mmsparse.nm_mask(w, 2, 64, 0, 0.01, True)
+    torch.testing.assert_close(maxq_mask(w, 2, 64, 0.5), _reference(w, 2, 64, 0.5),
+                               rtol=0, atol=1e-6)
+    assert torch.equal(hard_nm_mask(w, 2, 64), hard_nm_mask_torch(w.abs(), 2, 64))
