@@ -135,40 +135,9 @@ bool sweep_portable(const float* src, int64_t len, int64_t period, Bracket* brac
   return finite;
 }
 
-// One contiguous row (period 1) with 8 values per step: bounds and counter in registers.
-__attribute__((target("avx2"))) bool sweep_row_avx2(const float* src, int64_t len, Bracket& b) {
-  const __m256 sign = _mm256_set1_ps(-0.0f), max = _mm256_set1_ps(kMaxFloat);
-  const __m256 vlo = _mm256_set1_ps(b.lo), vhi = _mm256_set1_ps(b.hi);
-  __m256 finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-  __m256i count = _mm256_setzero_si256();
-  alignas(32) float lanes[8];
-  int64_t t = 0;
-  for (; t + 8 <= len; t += 8) {
-    const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(src + t));
-    finite = _mm256_and_ps(finite, _mm256_cmp_ps(v, max, _CMP_LE_OQ));
-    count = _mm256_sub_epi32(count, _mm256_castps_si256(_mm256_cmp_ps(v, vlo, _CMP_LT_OQ)));
-    int bits = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, vlo, _CMP_GE_OQ),
-                                                _mm256_cmp_ps(v, vhi, _CMP_LE_OQ)));
-    if (bits) {
-      _mm256_store_ps(lanes, v);
-      for (; bits; bits &= bits - 1) b.inside[b.size++] = lanes[__builtin_ctz(bits)];
-    }
-  }
-  alignas(32) int32_t counts[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(counts), count);
-  for (int l = 0; l < 8; ++l) b.below += counts[l];
-  bool all_finite = _mm256_movemask_ps(finite) == 0xff;
-  for (; t < len; ++t) {
-    const float a = std::fabs(src[t]);
-    all_finite &= a <= kMaxFloat;
-    b.add(a);
-  }
-  return all_finite;
-}
-
 constexpr int64_t kMaxPeriod = 64;  // kernel positions the interleaved AVX2 sweep takes (8 x 8)
 
-// The same with 8 values per step for an interleaved run: lane l of a step starting at phase
+// The same with 8 values per step: lane l of a step starting at phase
 // r = t % period belongs to bracket (r + l) % period; per-phase bound vectors and counters, the
 // values inside a bracket appended in memory order (as the scalar loop does).
 __attribute__((target("avx2"))) bool sweep_avx2(const float* src, int64_t len, int64_t period,
@@ -220,7 +189,6 @@ __attribute__((target("avx2"))) bool sweep_avx2(const float* src, int64_t len, i
 bool sweep(const float* src, int64_t len, int64_t period, Bracket* brackets) {
   // the AVX2 sweeps count in int32 per lane: at most len / 8 + 1 values each
   if (use_avx2() && len / 8 < std::numeric_limits<int32_t>::max()) {
-    if (period == 1) return sweep_row_avx2(src, len, *brackets);
     if (period <= kMaxPeriod) return sweep_avx2(src, len, period, brackets);
   }
   return sweep_portable(src, len, period, brackets);
@@ -523,8 +491,8 @@ std::vector<uint8_t> dense_blocks(const float* x, int64_t O, int64_t I, int64_t 
 
 // S (soft) or the hard mask H of `weight`, written into `out` (same shape, contiguous float32; every
 // element is written). A non-finite weight is refused before `out` is touched.
-void nm_mask_out(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense, double tau,
-                 bool soft, at::Tensor& out) {
+void nm_mask_into(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense, double tau,
+                  bool soft, at::Tensor out) {
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat,
               "nm_mask: expects a float32 CPU tensor, got ", weight.toString());
   TORCH_CHECK(weight.dim() == 2 || weight.dim() == 4,
@@ -537,7 +505,7 @@ void nm_mask_out(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense
               "nm_mask: out must be a contiguous float32 CPU tensor of the weight's shape ",
               weight.sizes(), ", got ", out.toString(), " ", out.sizes());
   const at::Tensor w = weight.contiguous();
-  TORCH_CHECK(!w.is_same(out) && w.data_ptr() != out.data_ptr(), "nm_mask: out must not be the weight");
+  TORCH_CHECK(w.data_ptr() != out.data_ptr(), "nm_mask: out must not be the weight");
   const int64_t O = w.size(0), I = w.size(1);
   const int64_t K = w.dim() == 4 ? w.size(2) * w.size(3) : 1;
   TORCH_CHECK(I % m == 0, "nm_mask: ", I, " input channels not divisible by M=", m);
@@ -627,13 +595,8 @@ void nm_mask_out(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense
 at::Tensor nm_mask(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense, double tau,
                    bool soft) {
   at::Tensor out = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
-  nm_mask_out(weight, n, m, n_dense, tau, soft, out);
+  nm_mask_into(weight, n, m, n_dense, tau, soft, out);
   return out;
-}
-
-void nm_mask_into(const at::Tensor& weight, int64_t n, int64_t m, int64_t n_dense, double tau,
-                  bool soft, at::Tensor out) {
-  nm_mask_out(weight, n, m, n_dense, tau, soft, out);
 }
 
 // grad += decay * weight * (1 - clamp(mask, 0, 1)), the SR-STE decay in one pass: the arithmetic of

@@ -94,6 +94,7 @@ def test_cgmq_step_reads_the_gates_once_for_all_layers(monkeypatch):
         with host_reads(monkeypatch) as calls:
             cache_host_states(net, True)
             read_host_states(net)                             # CGMQHook.before_train_iter
+            net(x).square().mean().backward()                 # the layers' own forward (kernel)
             # float64 copies of the inputs and weights run the tensor-op quantizer
             y = x.double()
             for layer in net:
@@ -110,3 +111,15 @@ def test_cgmq_step_reads_the_gates_once_for_all_layers(monkeypatch):
         assert all(layer.weight_gate.grad is not None and layer.act_range.grad is not None
                    for layer in net)
     assert reads[0] == reads[1] == 1
+
+
+def test_cgmq_host_copies_follow_in_place_gate_changes():
+    layer = CGMQConv2d(8, 8, 3, bits_w=8, bits_a=8)
+    cache_host_states([layer], True)
+    assert layer.bits_w == 8
+    with torch.no_grad():
+        layer.weight_gate[1] = -1.0          # 8 -> 4 bits, as the greedy reduction does
+    assert layer.bits_w == 4
+    cache_host_states([layer], False)
+    layer.weight_gate.data[0] = -1.0          # outside a step every use reads the tensor
+    assert layer.bits_w == 2
